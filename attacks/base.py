@@ -1,0 +1,45 @@
+"""What every attack plugin implements and returns."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fedsim.observation import Observation
+from fedsim.task import Task
+
+
+@dataclass
+class Reconstruction:
+    images: torch.Tensor  # [B, C, H, W] in [0, 1], in no particular order
+    labels: torch.Tensor  # [B] class indices, -1 where the attack makes no guess
+    extras: dict[str, Any] = field(default_factory=dict)  # plain values: losses, iterations, ...
+
+
+class Attack(ABC):
+    """An attack plugin. It sees an Observation and the public model (the Task) and nothing else.
+
+    Register a new attack under the entry-point group ``fedsim.attacks`` in your package's
+    pyproject.toml; `fedsim list` then shows it and `--attack NAME` runs it.
+    """
+
+    name: str = "attack"
+
+    def __init__(self, iterations: int = 300, restarts: int = 1, seed: int = 0, progress=None):
+        self.iterations = iterations
+        self.restarts = restarts
+        self.seed = seed
+        self.progress = progress  # optional callable(done, total) for progress bars
+
+    @classmethod
+    def from_config(cls, cfg, progress=None) -> "Attack":
+        """Build the attack from a RunConfig; override to read attack-specific fields."""
+        return cls(iterations=cfg.attack_iters, restarts=cfg.attack_restarts, seed=cfg.seed,
+                   progress=progress)
+
+    @abstractmethod
+    def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:
+        """Rebuild the client's batch from its update."""

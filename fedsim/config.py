@@ -1,0 +1,114 @@
+"""The run configuration: one dataclass, validated before any work starts, saved as YAML to rerun."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad value in a run configuration; the message names the value and the valid ones."""
+
+
+DATASETS = ("digits",)
+MODELS = ("tiny-clip", "lenet")
+PEFT_METHODS = {"tiny-clip": ("coop",), "lenet": ("full",)}
+DEVICES = ("auto", "cpu", "cuda")
+ENGINES = ("ray",)
+
+
+def option(default, help: str):
+    """A config field that is also a `fedsim run` option; `help` is its --help text."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run; every field is also a `fedsim run` option."""
+
+    clients: int = option(10, "number of simulated clients (Flower supernodes)")
+    rounds: int = option(1, "federated rounds")
+    batch_size: int = option(1, "images in each client's batch per round (FedSGD: one batch, one gradient)")
+    dataset: str = option("digits", "embedded dataset")
+    image_size: int = option(32, "images are resized to this many pixels per side")
+    model: str = option("tiny-clip", "tiny-clip (open_clip config shipped with fedsim) or lenet (DLG's LeNet)")
+    pretrained: str = option("none", "weights for the model: none = random init")
+    peft: str = option("coop", "trainable part: coop (soft prompts) for CLIP, full for classic models")
+    n_ctx: int = option(4, "CoOp: number of learnable context vectors")
+    lr: float = option(0.1, "server learning rate applied to the averaged gradient (FedSGD)")
+    attack: str = option("dlg", "attack run by the curious server on every client update; none to skip")
+    attack_iters: int = option(20, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 iterations each)")
+    attack_restarts: int = option(1, "independent restarts; the one that matches the gradient best is kept")
+    defense: str = option("none", "defense applied in the client loop: none or dp")
+    dp_clip: float = option(1.0, "dp: per-example gradient L2 clipping bound C")
+    dp_noise: float = option(1.0, "dp: noise multiplier sigma (noise std = sigma * C on the summed gradient)")
+    seed: int = option(0, "seeds data split, batch schedule, model init, noise and attack")
+    engine: str = option("ray", "Flower simulation backend")
+    device: str = option("auto", "auto = CUDA when available, else CPU")
+    out: str = option("", "output directory; empty = runs/<timestamp>")
+    overwrite: bool = option(False, "allow writing into a non-empty output directory")
+
+    def validate(self, attacks: list[str], defenses: list[str]) -> None:
+        """Fail fast with a message naming the bad value and the valid ones."""
+        _positive(self, "clients", "rounds", "batch_size", "image_size", "n_ctx", "attack_iters",
+                  "attack_restarts")
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("model", self.model, MODELS)
+        _choice("peft", self.peft, PEFT_METHODS[self.model], f" for --model {self.model}")
+        _choice("attack", self.attack, ["none", *attacks])
+        _choice("defense", self.defense, ["none", *defenses])
+        _choice("device", self.device, DEVICES)
+        _choice("engine", self.engine, ENGINES)
+        if self.model == "tiny-clip" and self.image_size != 32:
+            raise ConfigError(f"--image-size {self.image_size} does not fit --model tiny-clip; valid: 32")
+        if self.pretrained != "none":
+            raise ConfigError(f"--pretrained {self.pretrained!r} is not available yet; valid: 'none'")
+        if self.dp_noise < 0:
+            raise ConfigError(f"--dp-noise must be >= 0, got {self.dp_noise}")
+        if self.dp_clip <= 0:
+            raise ConfigError(f"--dp-clip must be > 0, got {self.dp_clip}")
+        if self.lr <= 0:
+            raise ConfigError(f"--lr must be > 0, got {self.lr}")
+        if self.out:
+            out = Path(self.out)
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--out {self.out} exists and is not a directory")
+            if out.is_dir() and any(out.iterdir()) and not self.overwrite:
+                raise ConfigError(f"--out {self.out} exists and is not empty; pass --overwrite or "
+                                  "choose another directory")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config keys {unknown}; valid: {sorted(known)}")
+        return cls(**data)
+
+
+def _choice(name: str, value: str, valid, where: str = "") -> None:
+    if value not in valid:
+        raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not valid{where}; "
+                          f"valid: {', '.join(valid)}")
+
+
+def _positive(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")

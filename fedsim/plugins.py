@@ -1,0 +1,43 @@
+"""Attack and defense plugins, found through entry points (built-ins register the same way)."""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint, entry_points
+
+ATTACK_GROUP = "fedsim.attacks"
+DEFENSE_GROUP = "fedsim.defenses"
+
+
+def available(group: str) -> dict[str, EntryPoint]:
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def attack_names() -> list[str]:
+    return sorted(available(ATTACK_GROUP))
+
+
+def defense_names() -> list[str]:
+    return sorted(available(DEFENSE_GROUP))
+
+
+def _load(group: str, name: str):
+    plugins = available(group)
+    if name not in plugins:
+        raise KeyError(f"no plugin {name!r} in {group}; installed: {', '.join(sorted(plugins)) or 'none'}")
+    return plugins[name].load()
+
+
+def make_attack(cfg, progress=None):
+    """The attack named by the config, or None for `--attack none`."""
+    if cfg.attack == "none":
+        return None
+    return _load(ATTACK_GROUP, cfg.attack).from_config(cfg, progress=progress)
+
+
+def make_defense(cfg):
+    """The defense named by the config; `none` gives the do-nothing base defense."""
+    from defenses.base import Defense
+
+    if cfg.defense == "none":
+        return Defense()
+    return _load(DEFENSE_GROUP, cfg.defense).from_config(cfg)

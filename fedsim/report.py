@@ -1,0 +1,69 @@
+"""What a run leaves behind: the results table, image grids and the closing summary."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, ImageDraw
+from rich.table import Table
+
+RESULT_COLUMNS = ["round", "client", "attack", "defense", "peft", "model", "dataset", "batch_size",
+                  "label_acc", "mse", "psnr", "ssim", "lpips", "gradient_loss", "seconds", "status",
+                  "error"]
+
+
+class ResultsWriter:
+    """Appends one row per (round, client, attack) to results.csv, flushed as it goes, so a
+    run that fails midway keeps every row it finished."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with path.open("w", newline="") as f:
+            csv.DictWriter(f, RESULT_COLUMNS).writeheader()
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore").writerow(row)
+
+
+def save_grid(path: Path, rows: list[tuple[torch.Tensor, torch.Tensor]], class_names,
+              scale: int = 3) -> None:
+    """One row of images per (images [B, C, H, W], labels [B]) pair, each label's class name
+    under its image. Runs save the true batch on top and the matched reconstruction below."""
+    b, _, h, w = rows[0][0].shape
+    cell_w, cell_h, text_h, pad = w * scale, h * scale, 14, 4
+    canvas = Image.new("RGB", (b * (cell_w + pad) + pad, len(rows) * (cell_h + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for r, (images, labels) in enumerate(rows):
+        y = pad + r * (cell_h + text_h + pad)
+        for i in range(b):
+            x = pad + i * (cell_w + pad)
+            pixels = (images[i].clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
+            canvas.paste(Image.fromarray(pixels).resize((cell_w, cell_h), Image.NEAREST), (x, y))
+            label = int(labels[i])
+            name = class_names[label] if 0 <= label < len(class_names) else "?"
+            draw.text((x, y + cell_h + 1), name[: max(cell_w // 6, 3)], fill="black")
+    canvas.save(path)
+
+
+def summary_table(results: pd.DataFrame) -> Table:
+    """One line per (attack, defense): medians over clients and rounds."""
+    table = Table(title="fedsim results (median over clients and rounds)")
+    for col in ("attack", "defense", "runs", "failed", "label acc", "PSNR dB", "SSIM", "LPIPS", "s/attack"):
+        table.add_column(col, justify="left" if col in ("attack", "defense") else "right")
+    for (attack, defense), g in results.groupby(["attack", "defense"], sort=False):
+        ok = g[g["status"] == "ok"]
+        table.add_row(attack, defense, str(len(g)), str(len(g) - len(ok)),
+                      _fmt(ok["label_acc"].median(), "{:.0%}"), _fmt(ok["psnr"].median(), "{:.2f}"),
+                      _fmt(ok["ssim"].median(), "{:.3f}"), _fmt(ok["lpips"].median(), "{:.3f}"),
+                      _fmt(ok["seconds"].median(), "{:.1f}"))
+    return table
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value)

@@ -1,0 +1,164 @@
+"""`fedsim run`: the one flow from a RunConfig to a results table and pictures.
+
+config -> data + public model -> Flower simulation (clients behind a defense, curious server)
+-> per reply: Observation -> attack -> Reconstruction -> evaluation against the true batch,
+which the evaluator re-derives from the seeded schedule (it never travels with the update).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedsim.config import ConfigError, RunConfig
+from fedsim.data import FederatedData, federated_data
+from fedsim.evaluate import evaluate, lpips_metric
+from fedsim.flower import make_client_app, make_server_app, quiet_flower
+from fedsim.models import build_task, model_spec
+from fedsim.observation import Observation
+from fedsim.plugins import attack_names, defense_names, make_attack
+from fedsim.report import ResultsWriter, save_grid, summary_table
+from fedsim.task import Task
+
+
+@dataclass
+class Timings:
+    started: float = field(default_factory=time.perf_counter)
+    first_round_sent: float | None = None
+    attacks: float = 0.0
+    clients: float = 0.0
+
+    def as_dict(self, total: float) -> dict[str, float]:
+        startup = (self.first_round_sent or self.started) - self.started
+        return {"total_s": round(total, 2), "startup_s": round(startup, 2),
+                "clients_s": round(self.clients, 2), "attacks_s": round(self.attacks, 2)}
+
+
+class AttackPipeline:
+    """Runs the attack on each Observation, then scores it against the re-derived true batch."""
+
+    def __init__(self, cfg: RunConfig, data: FederatedData, task: Task, out: Path, progress: Progress):
+        self.cfg, self.data, self.task, self.out = cfg, data, task, out
+        self.progress = progress
+        self.bar = progress.add_task("clients training", total=cfg.rounds * cfg.clients)
+        self.iter_bar = progress.add_task("attack iterations", total=cfg.attack_iters, visible=False)
+        self.attack = make_attack(cfg, progress=self._attack_progress)
+        self.writer = ResultsWriter(out / "results.csv")
+        self.timings = Timings()
+        self._round_sent = 0.0
+        for sub in ("reconstructions", "observations"):
+            (out / sub).mkdir(exist_ok=True)
+
+    def _attack_progress(self, done: int, total: int) -> None:
+        self.progress.update(self.iter_bar, completed=done, total=total, visible=True)
+
+    def round_sent(self, server_round: int) -> None:
+        now = time.perf_counter()
+        self.timings.first_round_sent = self.timings.first_round_sent or now
+        self._round_sent = now
+        self.progress.update(self.bar, description=f"round {server_round}: clients training")
+
+    def replies_received(self, server_round: int) -> None:
+        self.timings.clients += time.perf_counter() - self._round_sent
+
+    def __call__(self, obs: Observation) -> None:
+        tag = f"round{obs.round}_client{obs.client}"
+        obs.save(self.out / "observations" / f"{tag}.pt")
+        self.progress.update(self.bar, description=f"round {obs.round}: attacking client {obs.client}")
+        row = {"round": obs.round, "client": obs.client, "attack": self.cfg.attack,
+               "defense": self.cfg.defense, "peft": self.cfg.peft, "model": self.cfg.model,
+               "dataset": self.cfg.dataset, "batch_size": obs.batch_size}
+        if self.attack is not None:
+            row.update(self._attack(obs, tag))
+            self.writer.write(row)
+        self.progress.advance(self.bar)
+
+    def _attack(self, obs: Observation, tag: str) -> dict:
+        start = time.perf_counter()
+        try:
+            recon = self.attack.reconstruct(obs, self.task)
+            true_images, true_labels = self.data.client_batch(self.cfg, obs.round, obs.client)
+            metrics, order = evaluate(recon.images, recon.labels, true_images, true_labels)
+            save_grid(self.out / "reconstructions" / f"{tag}.png",
+                      [(true_images, true_labels), (recon.images[order], recon.labels[order])],
+                      self.data.private.class_names)
+            result = {**metrics, "gradient_loss": recon.extras.get("gradient_loss"), "status": "ok"}
+        except Exception as exc:  # one failed attack must not lose the run: record it and go on
+            (self.out / "errors.log").open("a").write(f"{tag}\n{traceback.format_exc()}\n")
+            result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            self.progress.update(self.iter_bar, visible=False)
+        seconds = time.perf_counter() - start
+        self.timings.attacks += seconds
+        return {**result, "seconds": round(seconds, 3)}
+
+
+def prepare_output(cfg: RunConfig) -> Path:
+    out = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.out = str(out)
+    cfg.save(out / "config.yaml")
+    return out
+
+
+def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -> Path:
+    """Run one configuration end to end; returns the output directory."""
+    console = console or Console()
+    cfg.validate(attack_names(), defense_names())
+    data = federated_data(cfg)  # checks the batch size against every client's data
+    out = prepare_output(cfg)
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    quiet_flower(verbose)
+    spec = model_spec(cfg, data.private.class_names)
+    task = build_task(spec, resolve_device(cfg.device))
+    if not lpips_metric().available and cfg.attack != "none":
+        console.print(f"[yellow]{lpips_metric().reason}[/]")
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        pipeline = AttackPipeline(cfg, data, task, out, progress)
+        initial = {n: p.cpu() for n, p in task.trainable().items()}
+        server_app = make_server_app(cfg, initial, spec, pipeline)
+        simulate(cfg, server_app, make_client_app(cfg))
+    total = time.perf_counter() - pipeline.timings.started
+    timings = pipeline.timings.as_dict(total)
+    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+
+    results = pd.read_csv(out / "results.csv")
+    if len(results):
+        console.print(summary_table(results))
+    elif cfg.attack != "none":
+        console.print("[red]no client update was attacked: see the Flower log above[/]")
+    console.print(f"time: {timings['total_s']:.1f}s (start-up {timings['startup_s']:.1f}s, clients "
+                  f"{timings['clients_s']:.1f}s, attacks {timings['attacks_s']:.1f}s)")
+    console.print(f"results in [bold]{out}[/]")
+    return out
+
+
+def resolve_device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available; valid here: auto, cpu")
+    return name
+
+
+def simulate(cfg: RunConfig, server_app, client_app) -> None:
+    """Flower's simulation engine on its Ray backend."""
+    from flwr.simulation import run_simulation
+
+    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                      "init_args": {"include_dashboard": False, "log_to_driver": False}}
+    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
+                   backend_name="ray", backend_config=backend_config)

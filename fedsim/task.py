@@ -1,0 +1,79 @@
+"""The learning task, defined once: forward pass, loss and gradients of the trainable parameters.
+
+Clients use it to train; attackers use the very same functions on dummy data, so the
+attacker's model of the client can never drift from what the client really computes. All
+functions are functional in the trainable parameters (`torch.func.functional_call`), so an
+attack may pass its own parameter tensors and differentiate through the gradients.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+Params = dict[str, torch.Tensor]
+
+
+class Task:
+    """A model whose parameters that require grad are the trainable (PEFT) ones."""
+
+    def __init__(self, model: nn.Module, num_classes: int, image_shape: tuple[int, int, int]):
+        self.model = model
+        self.num_classes = num_classes
+        self.image_shape = image_shape  # (channels, height, width) of one input image, in [0, 1]
+        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not self.names:
+            raise ValueError("the model has no trainable parameters")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def trainable(self) -> Params:
+        """Detached copies of the current trainable parameters, by name."""
+        params = dict(self.model.named_parameters())
+        return {n: params[n].detach().clone() for n in self.names}
+
+    def load_trainable(self, params: Params) -> None:
+        with torch.no_grad():
+            current = dict(self.model.named_parameters())
+            for name in self.names:
+                current[name].copy_(params[name])
+
+    def logits(self, params: Params, images: torch.Tensor) -> torch.Tensor:
+        return functional_call(self.model, params, (images,))
+
+    def loss(self, params: Params, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy. `targets` are class indices [B] or class probabilities [B, C]
+        (soft labels, as DLG optimises them)."""
+        return F.cross_entropy(self.logits(params, images), targets)
+
+    def gradients(self, params: Params, images: torch.Tensor, targets: torch.Tensor,
+                  create_graph: bool = False) -> Params:
+        """d loss / d params. With `create_graph` the result can itself be differentiated
+        (gradient matching), which on CPU needs the math attention kernel."""
+        leaves = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
+        with _second_order_attention() if create_graph else nullcontext():
+            loss = self.loss(leaves, images, targets)
+            grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
+        return dict(zip(leaves, grads))
+
+    def per_example_gradients(self, params: Params, images: torch.Tensor, labels: torch.Tensor) -> Params:
+        """Gradients of each example's own loss, stacked on a leading batch dimension."""
+        params = {n: p.detach() for n, p in params.items()}
+
+        def one(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.loss(p, x.unsqueeze(0), y.unsqueeze(0))
+
+        with _second_order_attention():
+            return vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, images, labels)
+
+
+def _second_order_attention():
+    # The fused scaled-dot-product-attention kernels have no double backward on CPU.
+    return sdpa_kernel(SDPBackend.MATH)
