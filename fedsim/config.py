@@ -41,7 +41,7 @@ class RunConfig:
     n_ctx: int = option(4, "CoOp: number of learnable context vectors")
     lr: float = option(0.1, "server learning rate applied to the averaged gradient (FedSGD)")
     attack: str = option("dlg", "attack run by the curious server on every client update; none to skip")
-    attack_iters: int = option(20, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 iterations each)")
+    attack_iters: int = option(10, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 iterations each)")
     attack_restarts: int = option(1, "independent restarts; the one that matches the gradient best is kept")
     defense: str = option("none", "defense applied in the client loop: none or dp")
     dp_clip: float = option(1.0, "dp: per-example gradient L2 clipping bound C")

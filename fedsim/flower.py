@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+import warnings
 from collections.abc import Iterable
 from functools import lru_cache
 from typing import Protocol
@@ -61,10 +63,11 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         client = int(context.node_config["partition-id"])
         round_ = int(msg.content["config"]["server-round"])
         params = msg.content["arrays"].to_torch_state_dict()
+        start = time.perf_counter()
         update, n = client_update(cfg_json, client, round_, params)
         reply = RecordDict({
             UPDATE_KEY: ArrayRecord(update),
-            METRICS_KEY: MetricRecord({"num-examples": n}),
+            METRICS_KEY: MetricRecord({"num-examples": n, "train-seconds": time.perf_counter() - start}),
             CLIENT_KEY: ConfigRecord({"client-id": client}),
         })
         return Message(content=reply, reply_to=msg)
@@ -79,7 +82,7 @@ class Listener(Protocol):
     """What the curious server reports to: the attack pipeline."""
 
     def round_sent(self, server_round: int) -> None: ...
-    def replies_received(self, server_round: int) -> None: ...
+    def replies_received(self, server_round: int, client_seconds: float) -> None: ...
     def __call__(self, observation: Observation) -> None: ...
 
 
@@ -105,7 +108,8 @@ class CuriousFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
         replies = list(replies)
-        self.listener.replies_received(server_round)
+        self.listener.replies_received(server_round, sum(
+            float(m.content[METRICS_KEY].get("train-seconds", 0.0)) for m in replies if not m.has_error()))
         for msg in replies:
             if not msg.has_error():
                 self.listener(self.observe(server_round, msg))
@@ -148,4 +152,10 @@ def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict
 
 
 def quiet_flower(verbose: bool) -> None:
-    logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
+    """Flower's round-by-round log, its deprecation notice for the Python simulation API and
+    Ray's accelerator tip are noise next to fedsim's progress bar; --verbose shows them."""
+    logger = logging.getLogger("flwr")
+    logger.setLevel(logging.INFO if verbose else logging.ERROR)
+    logger.propagate = False  # Flower has its own handler; the root one would print it twice
+    if not verbose:
+        warnings.filterwarnings("ignore", message=".*Ray will no longer override accelerator")

@@ -1,0 +1,71 @@
+import subprocess
+import sys
+from dataclasses import fields
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedsim.cli import app
+from fedsim.config import RunConfig
+
+runner = CliRunner()
+
+
+def test_run_help_lists_every_option_with_its_default():
+    result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for f in fields(RunConfig):
+        assert f"--{f.name.replace('_', '-')}" in result.output
+    assert "default: 10" in result.output and "dlg" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--attack", "nope"], "valid: none, dlg"),
+    (["--defense", "nope"], "valid: none, dp"),
+    (["--clients", "0"], "--clients must be >= 1"),
+    (["--dp-noise", "-1"], "--dp-noise must be >= 0"),
+    (["--batch-size", "400"], "larger than the smallest client's data"),
+])
+def test_bad_input_fails_fast_with_a_clear_message(args, message, tmp_path):
+    result = runner.invoke(app, ["run", "--out", str(tmp_path / "o"), *args], env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+    assert not (tmp_path / "o").exists()  # nothing was started or written
+
+
+def test_list_shows_builtin_plugins():
+    result = runner.invoke(app, ["list"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "dlg" in result.output and "dp" in result.output
+
+
+def test_existing_output_is_kept(tmp_path):
+    (tmp_path / "results.csv").write_text("precious")
+    result = runner.invoke(app, ["run", "--out", str(tmp_path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (tmp_path / "results.csv").read_text() == "precious"
+
+
+@pytest.mark.slow
+def test_run_end_to_end_writes_results_pictures_and_config(tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "fedsim.cli", "run", "--clients", "3", "--attack-iters", "2",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = pd.read_csv(out / "results.csv")
+    for col in ("round", "client", "attack", "defense", "peft", "batch_size", "label_acc", "mse", "psnr",
+                "ssim", "lpips", "seconds", "status"):
+        assert col in results.columns
+    assert sorted(results["client"]) == [0, 1, 2] and (results["status"] == "ok").all()
+    assert results["psnr"].between(0, 60).all()
+    for client in range(3):
+        assert (out / "reconstructions" / f"round1_client{client}.png").stat().st_size > 0
+        assert (out / "observations" / f"round1_client{client}.pt").exists()
+    assert RunConfig.load(out / "config.yaml") == RunConfig(clients=3, attack_iters=2, out=str(out))
+    assert "fedsim results" in proc.stdout
+
+    replay = subprocess.run([sys.executable, "-m", "fedsim.cli", "attack", str(out / "observations" / "round1_client0.pt"),
+                             "--attack-iters", "1", "--out", str(tmp_path / "replay.png")],
+                            capture_output=True, text=True, timeout=300)
+    assert replay.returncode == 0, replay.stdout + replay.stderr
+    assert (tmp_path / "replay.png").exists()
