@@ -69,3 +69,10 @@ def test_run_end_to_end_writes_results_pictures_and_config(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert replay.returncode == 0, replay.stdout + replay.stderr
     assert (tmp_path / "replay.png").exists()
+
+
+def test_replay_refuses_a_file_that_is_not_an_observation(tmp_path):
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a tensor archive")
+    result = runner.invoke(app, ["attack", str(bad)], env={"COLUMNS": "200"})
+    assert result.exit_code == 2 and "not a readable observation" in result.output
