@@ -11,11 +11,13 @@ import json
 import os
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -87,7 +89,8 @@ class AttackPipeline:
     def _attack(self, obs: Observation, tag: str) -> dict:
         start = time.perf_counter()
         try:
-            recon = self.attack.reconstruct(obs, self.task)
+            with single_cpu_thread(self.task.device):
+                recon = self.attack.reconstruct(obs, self.task)
             true_images, true_labels = self.data.client_batch(self.cfg, obs.round, obs.client)
             metrics, order = evaluate(recon.images, recon.labels, true_images, true_labels)
             save_grid(self.out / "reconstructions" / f"{tag}.png",
@@ -102,6 +105,22 @@ class AttackPipeline:
         seconds = time.perf_counter() - start
         self.timings.attacks += seconds
         return {**result, "seconds": round(seconds, 3)}
+
+
+@contextmanager
+def single_cpu_thread(device):
+    """Flower calls the strategy from a worker thread, where PyTorch's CPU thread pool does
+    badly: DLG on the tiny CLIP took 10.2 s with 2 threads there against 4.7 s with one (5.5 s
+    on the main thread either way; benchmarks/thread_pool.py). So attacks on CPU get one thread."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def prepare_output(cfg: RunConfig) -> Path:
@@ -147,8 +166,6 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
 
 
 def resolve_device(name: str) -> str:
-    import torch
-
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available():
