@@ -54,7 +54,7 @@ def save_grid(path: Path, rows: list[tuple[torch.Tensor, torch.Tensor]], class_n
 def summary_table(results: pd.DataFrame) -> Table:
     """One line per (attack, defense): medians over clients and rounds."""
     table = Table(title="fedsim results (median over clients and rounds)")
-    for col in ("attack", "defense", "runs", "failed", "label acc", "PSNR dB", "SSIM", "LPIPS", "s/attack"):
+    for col in ("attack", "defense", "runs", "failed", "label acc", "PSNR dB", "SSIM", "LPIPS", "sec"):
         table.add_column(col, justify="left" if col in ("attack", "defense") else "right")
     for (attack, defense), g in results.groupby(["attack", "defense"], sort=False):
         ok = g[g["status"] == "ok"]
