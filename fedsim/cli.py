@@ -27,7 +27,7 @@ def _run(verbose: bool = False, **options) -> None:
         run(cfg, console=console, verbose=verbose)
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 def _run_signature() -> inspect.Signature:
@@ -80,7 +80,7 @@ def attack_file(
         replay(observation, attack, attack_iters, seed, out, console)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2)
+        raise typer.Exit(2) from None
 
 
 if __name__ == "__main__":

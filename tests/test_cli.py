@@ -64,7 +64,8 @@ def test_run_end_to_end_writes_results_pictures_and_config(tmp_path):
     assert RunConfig.load(out / "config.yaml") == RunConfig(clients=3, attack_iters=2, out=str(out))
     assert "fedsim results" in proc.stdout
 
-    replay = subprocess.run([sys.executable, "-m", "fedsim.cli", "attack", str(out / "observations" / "round1_client0.pt"),
+    saved = out / "observations" / "round1_client0.pt"
+    replay = subprocess.run([sys.executable, "-m", "fedsim.cli", "attack", str(saved),
                              "--attack-iters", "1", "--out", str(tmp_path / "replay.png")],
                             capture_output=True, text=True, timeout=300)
     assert replay.returncode == 0, replay.stdout + replay.stderr

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from fedsim.config import RunConfig
-from fedsim.models.clip import TINY_CLIP, CoOpCLIP, create_clip
 from fedsim.models.classic import LeNet
+from fedsim.models.clip import TINY_CLIP, CoOpCLIP, create_clip
 from fedsim.task import Task
 
 __all__ = ["build_model", "build_task", "model_spec", "derive_seed", "LeNet", "CoOpCLIP", "TINY_CLIP"]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import open_clip
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 TINY_CLIP = "fedsim-tiny-clip"
 _CONFIG_DIR = Path(__file__).parent / "configs"
