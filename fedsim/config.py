@@ -15,8 +15,8 @@ class ConfigError(ValueError):
 
 
 DATASETS = ("digits",)
-MODELS = ("tiny-clip", "lenet")
-PEFT_METHODS = {"tiny-clip": ("coop",), "lenet": ("full",)}
+CLASSIC_MODELS = ("lenet", "convnet", "resnet18")
+CLIP_PEFT = ("coop", "adapter", "text-adapter", "double-adapter", "lora", "vpt", "linear-probe", "full")
 DEVICES = ("auto", "cpu", "cuda")
 ENGINES = ("ray",)
 
@@ -35,10 +35,20 @@ class RunConfig:
     batch_size: int = option(1, "images in each client's batch per round (FedSGD: one batch, one gradient)")
     dataset: str = option("digits", "embedded dataset")
     image_size: int = option(32, "images are resized to this many pixels per side")
-    model: str = option("tiny-clip", "tiny-clip (open_clip config shipped with fedsim) or lenet (DLG's LeNet)")
-    pretrained: str = option("none", "weights for the model: none = random init")
-    peft: str = option("coop", "trainable part: coop (soft prompts) for CLIP, full for classic models")
-    n_ctx: int = option(4, "CoOp: number of learnable context vectors")
+    model: str = option("tiny-clip", "tiny-clip (shipped with fedsim), any open_clip model name "
+                        "(e.g. ViT-B-32), or a classic model: lenet (DLG's), convnet, resnet18")
+    pretrained: str = option("none", "CLIP weights: none = random init, an open_clip pretrained tag "
+                             "(downloaded when online), or a local checkpoint file")
+    peft: str = option("coop", "trainable part of CLIP: " + ", ".join(CLIP_PEFT) + "; classic models: full")
+    n_ctx: int = option(4, "coop: number of learnable context vectors")
+    coop_class_specific: bool = option(False, "coop: one set of context vectors per class")
+    adapter_reduction: int = option(4, "adapters: bottleneck width = feature width / reduction")
+    adapter_ratio: float = option(0.2, "adapters: residual blend ratio alpha (output = alpha*A(f) + (1-alpha)*f)")
+    lora_rank: int = option(4, "lora: rank r")
+    lora_alpha: float = option(8.0, "lora: scaling alpha")
+    lora_tower: str = option("image", "lora: image, text or both towers")
+    lora_targets: str = option("attn", "lora: comma-separated block parts: attn (whole attention), c_fc, c_proj")
+    vpt_tokens: int = option(4, "vpt: number of learnable visual prompt tokens")
     lr: float = option(0.1, "server learning rate applied to the averaged gradient (FedSGD)")
     attack: str = option("dlg", "attack run by the curious server on every client update; none to skip")
     attack_iters: int = option(10, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 iterations each)")
@@ -55,18 +65,13 @@ class RunConfig:
     def validate(self, attacks: list[str], defenses: list[str]) -> None:
         """Fail fast with a message naming the bad value and the valid ones."""
         _positive(self, "clients", "rounds", "batch_size", "image_size", "n_ctx", "attack_iters",
-                  "attack_restarts")
+                  "attack_restarts", "adapter_reduction", "lora_rank", "vpt_tokens")
         _choice("dataset", self.dataset, DATASETS)
-        _choice("model", self.model, MODELS)
-        _choice("peft", self.peft, PEFT_METHODS[self.model], f" for --model {self.model}")
+        self._validate_model()
         _choice("attack", self.attack, ["none", *attacks])
         _choice("defense", self.defense, ["none", *defenses])
         _choice("device", self.device, DEVICES)
         _choice("engine", self.engine, ENGINES)
-        if self.model == "tiny-clip" and self.image_size != 32:
-            raise ConfigError(f"--image-size {self.image_size} does not fit --model tiny-clip; valid: 32")
-        if self.pretrained != "none":
-            raise ConfigError(f"--pretrained {self.pretrained!r} is not available yet; valid: 'none'")
         if self.dp_noise < 0:
             raise ConfigError(f"--dp-noise must be >= 0, got {self.dp_noise}")
         if self.dp_clip <= 0:
@@ -80,6 +85,29 @@ class RunConfig:
             if out.is_dir() and any(out.iterdir()) and not self.overwrite:
                 raise ConfigError(f"--out {self.out} exists and is not empty; pass --overwrite or "
                                   "choose another directory")
+
+    def _validate_model(self) -> None:
+        if self.model in CLASSIC_MODELS:
+            _choice("peft", self.peft, ("full",), f" for --model {self.model}")
+            _choice("pretrained", self.pretrained, ("none",), f" for --model {self.model}")
+            return
+        from fedsim.models.clip import clip_model_names
+
+        if self.model not in ("tiny-clip", *clip_model_names()):
+            raise ConfigError(f"--model {self.model!r} is not valid; valid: tiny-clip, "
+                              f"{', '.join(CLASSIC_MODELS)}, or an open_clip model name such as "
+                              f"{', '.join(clip_model_names()[:4])} (`fedsim models` lists them)")
+        _choice("peft", self.peft, CLIP_PEFT, f" for --model {self.model}")
+        _choice("lora-tower", self.lora_tower, ("image", "text", "both"))
+        for target in self.lora_target_list:
+            hint = " (peft wraps nn.MultiheadAttention whole: target attn)" if target == "out_proj" else ""
+            _choice("lora-targets", target, ("attn", "c_fc", "c_proj"), hint)
+        if not 0 <= self.adapter_ratio <= 1:
+            raise ConfigError(f"--adapter-ratio must be in [0, 1], got {self.adapter_ratio}")
+
+    @property
+    def lora_target_list(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

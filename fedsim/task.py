@@ -66,6 +66,9 @@ class Task:
     def per_example_gradients(self, params: Params, images: torch.Tensor, labels: torch.Tensor) -> Params:
         """Gradients of each example's own loss, stacked on a leading batch dimension."""
         params = {n: p.detach() for n, p in params.items()}
+        if not getattr(self.model, "supports_vmap", True):
+            per = [self.gradients(params, x.unsqueeze(0), y.unsqueeze(0)) for x, y in zip(images, labels)]
+            return {n: torch.stack([g[n] for g in per]) for n in params}
 
         def one(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return self.loss(p, x.unsqueeze(0), y.unsqueeze(0))

@@ -12,7 +12,7 @@ ATTACKS, DEFENSES = ["dlg"], ["dp"]
     ("clients", 0, "--clients must be >= 1"),
     ("batch_size", 0, "--batch-size must be >= 1"),
     ("dp_noise", -1.0, "--dp-noise must be >= 0"),
-    ("peft", "lora", "valid: coop"),
+    ("peft", "prefix", "valid: coop, adapter"),
     ("model", "vit-h", "valid: tiny-clip, lenet"),
 ])
 def test_bad_values_are_named_with_the_valid_ones(field, value, message):

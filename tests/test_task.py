@@ -1,11 +1,11 @@
 import torch
 
-from fedsim.models.clip import CoOpCLIP
+from fedsim.models.peft import CoOp
 
 
 def test_coop_context_is_the_only_trainable_parameter(clip_setup):
     _, _, task = clip_setup
-    assert isinstance(task.model, CoOpCLIP)
+    assert isinstance(task.model, CoOp)
     assert task.names == ["prompt.ctx"]
     assert task.trainable()["prompt.ctx"].shape == (4, 64)
 

@@ -1,5 +1,5 @@
 """Model factory: every model takes images in [0, 1] and returns class logits, and only its
-PEFT parameters require gradients."""
+trainable (PEFT) parameters require gradients."""
 
 from __future__ import annotations
 
@@ -9,35 +9,63 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedsim.config import RunConfig
-from fedsim.models.classic import LeNet
-from fedsim.models.clip import TINY_CLIP, CoOpCLIP, create_clip
+from fedsim.config import CLASSIC_MODELS, ConfigError, RunConfig
+from fedsim.models.classic import LeNet, build_classic
+from fedsim.models.clip import TINY_CLIP, create_clip
+from fedsim.models.peft import (CLIPAdapter, CLIPClassifier, CoOp, FullFineTune, LinearProbe, LoRA,
+                                VisualPrompt)
 from fedsim.task import Task
 
-__all__ = ["build_model", "build_task", "model_spec", "derive_seed", "LeNet", "CoOpCLIP", "TINY_CLIP"]
+__all__ = ["build_model", "build_task", "model_spec", "derive_seed", "LeNet", "CLIPClassifier"]
+
+PEFT_OPTIONS = ("n_ctx", "coop_class_specific", "adapter_reduction", "adapter_ratio", "lora_rank",
+                "lora_alpha", "lora_tower", "lora_targets", "vpt_tokens")
 
 
 def model_spec(cfg: RunConfig, class_names: tuple[str, ...]) -> dict[str, Any]:
     """The public description of a run's model: everything needed to rebuild it, and nothing
     about the data (the init seed is derived one-way from the run seed)."""
-    return {"model": cfg.model, "pretrained": cfg.pretrained, "peft": cfg.peft, "n_ctx": cfg.n_ctx,
+    return {"model": cfg.model, "pretrained": cfg.pretrained, "peft": cfg.peft,
             "image_size": cfg.image_size, "class_names": list(class_names),
-            "model_seed": derive_seed(cfg.seed, "model")}
+            "model_seed": derive_seed(cfg.seed, "model"),
+            **{name: getattr(cfg, name) for name in PEFT_OPTIONS}}
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:
     """The model a spec describes; every client and the server build the same one."""
-    class_names = spec["class_names"]
+    names = list(spec["class_names"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec["model_seed"])
-        if spec["model"] == "lenet":
-            model = LeNet(len(class_names), spec["image_size"])
-        elif spec["model"] == "tiny-clip":
-            clip, tokenizer = create_clip(TINY_CLIP)
-            model = CoOpCLIP(clip, tokenizer, list(class_names), n_ctx=spec["n_ctx"])
-        else:
-            raise ValueError(f"unknown model {spec['model']!r}; valid: lenet, tiny-clip")
+        if spec["model"] in CLASSIC_MODELS:
+            return build_classic(spec["model"], len(names), spec["image_size"]).eval()
+        clip_name = TINY_CLIP if spec["model"] == "tiny-clip" else spec["model"]
+        pretrained = None if spec["pretrained"] == "none" else spec["pretrained"]
+        try:
+            clip, tokenizer = create_clip(clip_name, pretrained)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise ConfigError(f"could not load --model {spec['model']} --pretrained {spec['pretrained']}: "
+                              f"{exc}. Offline, pass a local checkpoint file to --pretrained.") from exc
+        model = _peft(spec, clip, tokenizer, names)
     return model.eval()
+
+
+def _peft(spec: dict[str, Any], clip: nn.Module, tokenizer, names: list[str]) -> CLIPClassifier:
+    peft = spec["peft"]
+    if peft == "coop":
+        return CoOp(clip, tokenizer, names, spec["n_ctx"], spec["coop_class_specific"])
+    if peft in ("adapter", "text-adapter", "double-adapter"):
+        where = {"adapter": "image", "text-adapter": "text", "double-adapter": "double"}[peft]
+        return CLIPAdapter(clip, tokenizer, names, where, spec["adapter_reduction"], spec["adapter_ratio"])
+    if peft == "lora":
+        targets = tuple(t.strip() for t in spec["lora_targets"].split(",") if t.strip())
+        return LoRA(clip, tokenizer, names, spec["lora_rank"], spec["lora_alpha"], spec["lora_tower"], targets)
+    if peft == "vpt":
+        return VisualPrompt(clip, tokenizer, names, spec["vpt_tokens"])
+    if peft == "linear-probe":
+        return LinearProbe(clip, tokenizer, names)
+    if peft == "full":
+        return FullFineTune(clip, tokenizer, names)
+    raise ConfigError(f"--peft {peft!r} is not valid for CLIP")
 
 
 def build_task(spec: dict[str, Any], device: torch.device | str = "cpu") -> Task:

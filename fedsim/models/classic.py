@@ -28,3 +28,37 @@ class LeNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.fc(self.features(images).flatten(1))
+
+
+class ConvNet(nn.Module):
+    """A small ReLU ConvNet (after the "ConvNet" family used by Geiping et al. 2020, arXiv
+    2003.14053, narrowed for CPU): three 3x3 conv stages of width w, 2w, 4w with max-pooling,
+    global average pooling and a linear classifier. No BatchNorm, so batch-1 gradients are
+    well defined; PyTorch's default init."""
+
+    def __init__(self, num_classes: int, width: int = 32, channels: int = 3):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(channels, w, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.AdaptiveAvgPool2d(1),
+        )
+        self.fc = nn.Linear(4 * w, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(images).flatten(1))
+
+
+def build_classic(name: str, num_classes: int, image_size: int) -> nn.Module:
+    """A classic model with every parameter trainable (`--peft full`)."""
+    if name == "lenet":
+        return LeNet(num_classes, image_size)
+    if name == "convnet":
+        return ConvNet(num_classes)
+    if name == "resnet18":
+        from torchvision.models import resnet18
+
+        return resnet18(weights=None, num_classes=num_classes)  # random init, with BatchNorm
+    raise ValueError(f"unknown classic model {name!r}; valid: lenet, convnet, resnet18")

@@ -1,0 +1,208 @@
+"""Parameter-efficient fine-tuning of CLIP as a classifier over class-name prompts.
+
+Every method is a `CLIPClassifier`: logits = exp(logit_scale) * cos(image feature, class text
+feature), with images in [0, 1] (CLIP's normalisation happens inside). A method changes how the
+image features and/or the class text features are computed, and owns the only parameters that
+require gradients. Text features that no trainable parameter can reach are computed once.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fedsim.models.clip import encode_text_embeddings, text_tower
+
+PROMPT_TEMPLATE = "a photo of a {}."
+
+
+class CLIPClassifier(nn.Module):
+    """Zero-shot CLIP over fixed prompts; subclasses add the trainable part."""
+
+    text_is_trainable = False  # True when a trainable parameter changes the class text features
+
+    def __init__(self, clip: nn.Module, tokenizer, class_names: list[str]):
+        super().__init__()
+        self.clip = clip
+        self.class_names = list(class_names)
+        mean = getattr(clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
+        std = getattr(clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        prompts = [PROMPT_TEMPLATE.format(name.replace("_", " ")) for name in self.class_names]
+        self.register_buffer("prompt_tokens", tokenizer(prompts), persistent=False)
+        self._frozen_text = None
+
+    # -- the two halves -------------------------------------------------------------------
+    def base_image_features(self, images: torch.Tensor) -> torch.Tensor:
+        size = self.clip.visual.image_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        if tuple(images.shape[-2:]) != size:  # e.g. 32 px data into a 224 px ViT-B-32
+            images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
+        return self.clip.encode_image((images - self.mean) / self.std)
+
+    def base_text_features(self) -> torch.Tensor:
+        return self.clip.encode_text(self.prompt_tokens)
+
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.base_image_features(images), dim=-1)
+
+    def text_features(self) -> torch.Tensor:
+        if self.text_is_trainable:
+            return F.normalize(self.base_text_features(), dim=-1)
+        if self._frozen_text is None or self._frozen_text.device != self.prompt_tokens.device:
+            with torch.no_grad():
+                self._frozen_text = F.normalize(self.base_text_features(), dim=-1)
+        return self._frozen_text
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.clip.logit_scale.exp() * self.image_features(images) @ self.text_features().T
+
+
+class CoOp(CLIPClassifier):
+    """CoOp (Zhou, Yang, Loy, Liu, IJCV 2022, arXiv 2109.01134): the prompt of each class is
+    "X ... X <class name>." with `n_ctx` learnable context vectors in place of the X tokens,
+    shared by all classes or, with `class_specific`, one set per class."""
+
+    text_is_trainable = True
+
+    def __init__(self, clip, tokenizer, class_names, n_ctx: int = 4, class_specific: bool = False):
+        super().__init__(clip, tokenizer, class_names)
+        tower = text_tower(clip)
+        width = tower.token_embedding.weight.shape[1]
+        prompts = [" ".join(["X"] * n_ctx) + f" {name.replace('_', ' ')}." for name in self.class_names]
+        tokens = tokenizer(prompts)
+        with torch.no_grad():
+            embeds = tower.token_embedding(tokens)
+        self.register_buffer("ctx_tokens", tokens, persistent=False)
+        # Position 0 is the start-of-text token; the n_ctx placeholders follow it.
+        self.register_buffer("prefix", embeds[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embeds[:, 1 + n_ctx:].clone(), persistent=False)
+        shape = (len(self.class_names), n_ctx, width) if class_specific else (n_ctx, width)
+        self.prompt = nn.Module()
+        self.prompt.ctx = nn.Parameter(torch.randn(shape) * 0.02)
+
+    def base_text_features(self) -> torch.Tensor:
+        ctx = self.prompt.ctx
+        if ctx.dim() == 2:
+            ctx = ctx.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
+        embeds = torch.cat([self.prefix, ctx, self.suffix], dim=1)
+        return encode_text_embeddings(self.clip, embeds, self.ctx_tokens)
+
+
+class Adapter(nn.Module):
+    """CLIP-Adapter's bottleneck: x -> ReLU(ReLU(x W1) W2), blended residually with ratio alpha."""
+
+    def __init__(self, dim: int, reduction: int = 4, ratio: float = 0.2):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, max(dim // reduction, 1), bias=False)
+        self.fc2 = nn.Linear(max(dim // reduction, 1), dim, bias=False)
+        self.ratio = ratio
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ratio * F.relu(self.fc2(F.relu(self.fc1(x)))) + (1 - self.ratio) * x
+
+
+class CLIPAdapter(CLIPClassifier):
+    """CLIP-Adapter (Gao et al., IJCV 2024, arXiv 2110.04544): a residual bottleneck MLP on the
+    image features (`image`), the class text features (`text`), or both (`double`).
+    Departure: the text adapter's place follows the paper's variants; the blend ratio and the
+    reduction are options rather than tuned per dataset."""
+
+    def __init__(self, clip, tokenizer, class_names, where: str = "image", reduction: int = 4,
+                 ratio: float = 0.2):
+        super().__init__(clip, tokenizer, class_names)
+        dim = clip.text_projection.shape[-1] if isinstance(clip.text_projection, torch.Tensor) else \
+            clip.visual.output_dim
+        self.image_adapter = Adapter(dim, reduction, ratio) if where in ("image", "double") else None
+        self.text_adapter = Adapter(dim, reduction, ratio) if where in ("text", "double") else None
+        self.text_is_trainable = self.text_adapter is not None
+
+    def base_image_features(self, images):
+        f = super().base_image_features(images)
+        return self.image_adapter(f) if self.image_adapter is not None else f
+
+    def base_text_features(self):
+        f = self.clip.encode_text(self.prompt_tokens)
+        return self.text_adapter(f) if self.text_adapter is not None else f
+
+
+class VisualPrompt(CLIPClassifier):
+    """VPT-shallow (Jia et al., ECCV 2022, arXiv 2203.12119): `n_tokens` learnable tokens are
+    inserted after the class token at the input of the image transformer. Implemented as a
+    forward hook on the vision tower's pre-transformer norm, so open_clip's code is untouched."""
+
+    def __init__(self, clip, tokenizer, class_names, n_tokens: int = 4):
+        super().__init__(clip, tokenizer, class_names)
+        visual = clip.visual
+        if not hasattr(visual, "ln_pre"):
+            raise ValueError("vpt needs a ViT image tower (open_clip VisionTransformer)")
+        width = visual.class_embedding.shape[-1]
+        self.visual_prompt = nn.Module()
+        self.visual_prompt.tokens = nn.Parameter(torch.randn(n_tokens, width) * 0.02)
+        visual.ln_pre.register_forward_hook(self._insert_prompts)
+
+    def _insert_prompts(self, module, inputs, x):
+        # Read the parameter through the module at call time so functional_call's tensors are used.
+        prompts = self.visual_prompt.tokens.unsqueeze(0).expand(x.shape[0], -1, -1).to(x.dtype)
+        return torch.cat([x[:, :1], prompts, x[:, 1:]], dim=1)
+
+
+class LinearProbe(CLIPClassifier):
+    """A linear classifier on frozen, normalised CLIP image features (Radford et al. 2021,
+    arXiv 2103.00020), initialised from the zero-shot class text features."""
+
+    def __init__(self, clip, tokenizer, class_names):
+        super().__init__(clip, tokenizer, class_names)
+        with torch.no_grad():
+            zero_shot = self.text_features() * clip.logit_scale.exp()
+        self.head = nn.Linear(zero_shot.shape[1], zero_shot.shape[0])
+        with torch.no_grad():
+            self.head.weight.copy_(zero_shot)
+            self.head.bias.zero_()
+
+    def forward(self, images):
+        return self.head(self.image_features(images))
+
+
+class FullFineTune(CLIPClassifier):
+    """Every CLIP parameter trains; the class prompts are fixed."""
+
+    text_is_trainable = True
+
+    def __init__(self, clip, tokenizer, class_names):
+        super().__init__(clip, tokenizer, class_names)
+        self.clip.requires_grad_(True)
+
+
+LORA_TOWERS = ("image", "text", "both")
+LORA_TARGETS = ("attn", "c_fc", "c_proj")  # open_clip block parts; out_proj alone does nothing
+
+
+class LoRA(CLIPClassifier):
+    """LoRA (Hu et al., ICLR 2022, arXiv 2106.09685) through the peft library on open_clip's
+    transformer blocks: `attn` (the whole nn.MultiheadAttention, which peft supports as one
+    module), `c_fc` and `c_proj` (the MLP). A bare `out_proj` target is refused: MHA reads its
+    weight directly, so LoRA there would silently do nothing."""
+
+    def __init__(self, clip, tokenizer, class_names, rank: int = 4, alpha: float = 8.0,
+                 tower: str = "image", targets: tuple[str, ...] = ("attn",)):
+        from peft import LoraConfig, inject_adapter_in_model
+
+        super().__init__(clip, tokenizer, class_names)
+        bad = [t for t in targets if t not in LORA_TARGETS]
+        if bad or tower not in LORA_TOWERS:
+            raise ValueError(f"LoRA targets {list(targets)} / tower {tower!r} not valid; valid targets: "
+                             f"{', '.join(LORA_TARGETS)}; towers: {', '.join(LORA_TOWERS)}")
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0)
+        parts = {"image": [clip.visual], "text": [text_tower(clip).transformer],
+                 "both": [clip.visual, text_tower(clip).transformer]}[tower]
+        for part in parts:
+            inject_adapter_in_model(config, part)
+        for name, p in self.named_parameters():
+            p.requires_grad_("lora_" in name)
+        self.text_is_trainable = tower in ("text", "both")
+        # peft merges LoRA into nn.MultiheadAttention's weights in place during forward, which
+        # torch.func.vmap refuses; per-example gradients then loop over the batch instead.
+        self.supports_vmap = "attn" not in targets
