@@ -18,6 +18,7 @@ DATASETS = ("digits",)
 CLASSIC_MODELS = ("lenet", "convnet", "resnet18")
 CLIP_PEFT = ("coop", "adapter", "text-adapter", "double-adapter", "lora", "vpt", "linear-probe", "full")
 DEVICES = ("auto", "cpu", "cuda")
+PROTOCOLS = ("fedsgd", "fedavg")
 ENGINES = ("ray",)
 
 
@@ -49,7 +50,13 @@ class RunConfig:
     lora_tower: str = option("image", "lora: image, text or both towers")
     lora_targets: str = option("attn", "lora: comma-separated block parts: attn (whole attention), c_fc, c_proj")
     vpt_tokens: int = option(4, "vpt: number of learnable visual prompt tokens")
-    lr: float = option(0.1, "server learning rate applied to the averaged gradient (FedSGD)")
+    protocol: str = option("fedsgd", "fedsgd: clients send the gradient of one batch; fedavg: clients "
+                           "take local SGD steps and send the weight delta")
+    lr: float = option(0.1, "learning rate: the server's step on the averaged gradient (fedsgd), "
+                       "the clients' SGD step (fedavg)")
+    local_steps: int = option(1, "fedavg: SGD steps on the round's batch")
+    local_epochs: int = option(0, "fedavg: if > 0, passes over all the client's data instead of local steps")
+    fraction: float = option(1.0, "share of clients sampled each round")
     attack: str = option("dlg", "attack run by the curious server on every client update; none to skip")
     attack_iters: int = option(10, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 iterations each)")
     attack_restarts: int = option(1, "independent restarts; the one that matches the gradient best is kept")
@@ -65,7 +72,12 @@ class RunConfig:
     def validate(self, attacks: list[str], defenses: list[str]) -> None:
         """Fail fast with a message naming the bad value and the valid ones."""
         _positive(self, "clients", "rounds", "batch_size", "image_size", "n_ctx", "attack_iters",
-                  "attack_restarts", "adapter_reduction", "lora_rank", "vpt_tokens")
+                  "attack_restarts", "adapter_reduction", "lora_rank", "vpt_tokens", "local_steps")
+        _choice("protocol", self.protocol, PROTOCOLS)
+        if self.local_epochs < 0:
+            raise ConfigError(f"--local-epochs must be >= 0, got {self.local_epochs}")
+        if not 0 < self.fraction <= 1:
+            raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
         _choice("dataset", self.dataset, DATASETS)
         self._validate_model()
         _choice("attack", self.attack, ["none", *attacks])

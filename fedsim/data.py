@@ -53,6 +53,10 @@ class FederatedData:
         rng = np.random.default_rng([cfg.seed, round_, client])
         return np.sort(rng.choice(pool, size=cfg.batch_size, replace=False))
 
+    def client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.as_tensor(self.client_indices[client])
+        return self.private.images[idx], self.private.labels[idx]
+
     def client_batch(self, cfg: RunConfig, round_: int, client: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.client_batch_indices(cfg, round_, client))
         return self.private.images[idx], self.private.labels[idx]

@@ -1,9 +1,10 @@
-"""The Flower side: a ClientApp that trains on its private batch behind a defense, and a
+"""The Flower side: a ClientApp that trains on its private data behind a defense, and a
 ServerApp whose FedAvg strategy is honest but curious.
 
-FedSGD: each client sends the gradient of one batch; FedAvg's weighted average of those
-gradients is applied by the server as one SGD step. Before aggregating, the strategy turns
-every reply into an Observation and hands it to `on_observation` (the attack pipeline).
+Clients send an update (FedSGD: a gradient; FedAvg: a weight delta, see fedsim.training).
+The strategy averages the updates as FedAvg does (weighted by examples) and turns the average
+into the next global weights. Before aggregating, it turns every reply into an Observation and
+hands it to its listener (the attack pipeline).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from fedsim.data import federated_data
 from fedsim.models import build_task, derive_seed, model_spec
 from fedsim.observation import Observation
 from fedsim.plugins import make_defense
+from fedsim.training import client_examples, local_steps, local_update
 
 UPDATE_KEY, METRICS_KEY, CLIENT_KEY = "arrays", "metrics", "client"
 
@@ -44,13 +46,13 @@ def _client_state(cfg_json: str):
 
 
 def client_update(cfg_json: str, client: int, round_: int, params: dict[str, torch.Tensor]):
-    """One client's FedSGD step: the (defended) gradient of its seeded batch."""
+    """One client's round: its (defended) update and the number of examples behind it."""
     cfg, data, task, defense = _client_state(cfg_json)
-    images, labels = data.client_batch(cfg, round_, client)
+    images, labels = client_examples(cfg, data, round_, client)
     params = {n: p.to(task.device) for n, p in params.items()}
     generator = torch.Generator().manual_seed(derive_seed(cfg.seed, round_, client, "defense"))
-    grads = defense.gradient(task, params, images.to(task.device), labels.to(task.device), generator)
-    update = defense.transform_update(grads, generator)
+    update = local_update(cfg, task, defense, images.to(task.device), labels.to(task.device), params,
+                          generator, round_, client)
     return {n: g.detach().cpu() for n, g in update.items()}, len(labels)
 
 
@@ -89,12 +91,13 @@ class Listener(Protocol):
 class CuriousFedAvg(FedAvg):
     """FedAvg that runs the protocol faithfully but copies every reply into an Observation.
 
-    Replies are FedSGD gradients: the weighted average is applied as one SGD step of size `lr`.
+    FedSGD replies are gradients: their weighted average is applied as one SGD step of size lr.
+    FedAvg replies are weight deltas: their weighted average is added to the global weights.
     """
 
-    def __init__(self, lr: float, spec: dict, listener: Listener, **kwargs):
+    def __init__(self, cfg: RunConfig, spec: dict, listener: Listener, **kwargs):
         super().__init__(**kwargs)
-        self.lr = lr
+        self.cfg = cfg
         self.spec = spec
         self.listener = listener
         self._global: dict[str, torch.Tensor] = {}
@@ -114,39 +117,49 @@ class CuriousFedAvg(FedAvg):
             if not msg.has_error():
                 self.listener(self.observe(server_round, msg))
         mean_grad, metrics = super().aggregate_train(server_round, replies)
-        if mean_grad is None:
+        if mean_grad is None:  # every client failed: keep the global model
             return None, metrics
-        step = mean_grad.to_torch_state_dict()
-        new = {n: p - self.lr * step[n].to(p.dtype) for n, p in self._global.items()}
+        mean = mean_grad.to_torch_state_dict()
+        scale = -self.cfg.lr if self.cfg.protocol == "fedsgd" else 1.0
+        new = {n: p + scale * mean[n].to(p.dtype) for n, p in self._global.items()}
         return ArrayRecord(new), metrics
 
     def observe(self, server_round: int, msg: Message) -> Observation:
         content = msg.content
+        n = int(content[METRICS_KEY]["num-examples"])
+        fedsgd = self.cfg.protocol == "fedsgd"
         return Observation(
             round=server_round,
             client=int(content[CLIENT_KEY]["client-id"]),
-            kind="gradient",
+            kind="gradient" if fedsgd else "delta",
             update=content[UPDATE_KEY].to_torch_state_dict(),
-            global_params={n: p.clone() for n, p in self._global.items()},
-            batch_size=int(content[METRICS_KEY]["num-examples"]),
-            lr=self.lr,
-            local_steps=1,
+            global_params={name: p.clone() for name, p in self._global.items()},
+            batch_size=n,
+            lr=self.cfg.lr,
+            local_steps=1 if fedsgd else local_steps(self.cfg, n),
             model_spec=self.spec,
         )
 
 
-def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict,
-                    listener: Listener) -> ServerApp:
+def clients_per_round(cfg: RunConfig) -> int:
+    return max(1, int(cfg.clients * cfg.fraction))
+
+
+def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener: Listener,
+                    evaluate_fn=None) -> ServerApp:
+    """`evaluate_fn(round, ArrayRecord) -> MetricRecord`: the server's own evaluation of the
+    global model on its public split, before round 1 and after every round."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         strategy = CuriousFedAvg(
-            lr=cfg.lr, spec=spec, listener=listener,
-            fraction_train=1.0, fraction_evaluate=0.0,
-            min_train_nodes=cfg.clients, min_available_nodes=cfg.clients,
+            cfg=cfg, spec=spec, listener=listener,
+            fraction_train=cfg.fraction, fraction_evaluate=0.0,
+            min_train_nodes=clients_per_round(cfg), min_available_nodes=cfg.clients,
         )
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds)
+        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
+                       evaluate_fn=evaluate_fn)
 
     return app
 

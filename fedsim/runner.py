@@ -24,12 +24,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data import FederatedData, federated_data
 from fedsim.evaluate import evaluate, lpips_metric
-from fedsim.flower import make_client_app, make_server_app, quiet_flower
+from fedsim.flower import clients_per_round, make_client_app, make_server_app, quiet_flower
 from fedsim.models import build_task, model_spec
 from fedsim.observation import Observation
 from fedsim.plugins import attack_names, defense_names, make_attack
 from fedsim.report import ResultsWriter, save_grid, summary_table
 from fedsim.task import Task
+from fedsim.training import accuracy, client_examples
 
 
 @dataclass
@@ -54,7 +55,7 @@ class AttackPipeline:
     def __init__(self, cfg: RunConfig, data: FederatedData, task: Task, out: Path, progress: Progress):
         self.cfg, self.data, self.task, self.out = cfg, data, task, out
         self.progress = progress
-        self.bar = progress.add_task("clients training", total=cfg.rounds * cfg.clients)
+        self.bar = progress.add_task("clients training", total=cfg.rounds * clients_per_round(cfg))
         self.iter_bar = progress.add_task("attack iterations", total=cfg.attack_iters, visible=False)
         self.attack = make_attack(cfg, progress=self._attack_progress)
         self.writer = ResultsWriter(out / "results.csv")
@@ -62,6 +63,18 @@ class AttackPipeline:
         self._round_sent = 0.0
         for sub in ("reconstructions", "observations"):
             (out / sub).mkdir(exist_ok=True)
+
+    def evaluate_global(self, server_round: int, arrays):
+        """The server's evaluation of the global model on its public split -> metrics.csv."""
+        from flwr.app import MetricRecord
+
+        self.progress.update(self.bar, description=f"round {server_round}: evaluating the global model")
+        params = {n: p.to(self.task.device) for n, p in arrays.to_torch_state_dict().items()}
+        metrics = accuracy(self.task, params, self.data.public.images, self.data.public.labels)
+        path = self.out / "metrics.csv"
+        row = pd.DataFrame([{"round": server_round, **metrics}])
+        row.to_csv(path, mode="a", header=not path.exists(), index=False)
+        return MetricRecord(metrics)
 
     def _attack_progress(self, done: int, total: int) -> None:
         self.progress.update(self.iter_bar, completed=done, total=total, visible=True)
@@ -91,7 +104,7 @@ class AttackPipeline:
         try:
             with single_cpu_thread(self.task.device):
                 recon = self.attack.reconstruct(obs, self.task)
-            true_images, true_labels = self.data.client_batch(self.cfg, obs.round, obs.client)
+            true_images, true_labels = client_examples(self.cfg, self.data, obs.round, obs.client)
             metrics, order = evaluate(recon.images, recon.labels, true_images, true_labels)
             save_grid(self.out / "reconstructions" / f"{tag}.png",
                       [(true_images, true_labels), (recon.images[order], recon.labels[order])],
@@ -148,7 +161,7 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
     with Progress(*columns, console=console, transient=False) as progress:
         pipeline = AttackPipeline(cfg, data, task, out, progress)
         initial = {n: p.cpu() for n, p in task.trainable().items()}
-        server_app = make_server_app(cfg, initial, spec, pipeline)
+        server_app = make_server_app(cfg, initial, spec, pipeline, pipeline.evaluate_global)
         simulate(cfg, server_app, make_client_app(cfg))
     timings = pipeline.timings.as_dict()
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
@@ -156,6 +169,10 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
     results = pd.read_csv(out / "results.csv")
     if len(results):
         console.print(summary_table(results))
+    if (out / "metrics.csv").exists():
+        acc = pd.read_csv(out / "metrics.csv")
+        console.print(f"global accuracy on the public split: {acc['accuracy'].iloc[0]:.1%} before round 1, "
+                      f"{acc['accuracy'].iloc[-1]:.1%} after round {int(acc['round'].iloc[-1])}")
     elif cfg.attack != "none":
         console.print("[red]no client update was attacked: see the Flower log above[/]")
     console.print(f"time: {timings['total_s']:.1f}s; waiting for clients (Ray start-up + training) "
