@@ -14,7 +14,10 @@ class ConfigError(ValueError):
     """A bad value in a run configuration; the message names the value and the valid ones."""
 
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "faces", "photos", "synthetic", "mnist", "cifar10", "cifar100", "caltech101",
+            "imagefolder")
+PARTITIONS = ("iid", "dirichlet", "shard")
+SYNTHETIC_MAX_CLASSES = 64  # 8 shapes x 8 colours
 MODELS = ("tiny-clip", "lenet")
 PEFT_METHODS = {"tiny-clip": ("coop",), "lenet": ("full",)}
 DEVICES = ("auto", "cpu", "cuda")
@@ -33,8 +36,20 @@ class RunConfig:
     clients: int = option(10, "number of simulated clients (Flower supernodes)")
     rounds: int = option(1, "federated rounds")
     batch_size: int = option(1, "images in each client's batch per round (FedSGD: one batch, one gradient)")
-    dataset: str = option("digits", "embedded dataset")
+    dataset: str = option("digits", "embedded: digits, faces, photos, synthetic; from --data-root: "
+                                    "mnist, cifar10, cifar100, caltech101, imagefolder")
     image_size: int = option(32, "images are resized to this many pixels per side")
+    data_root: str = option("", "folder holding mnist/cifar/caltech101 files in torchvision's layout, "
+                                "or imagefolder's class folders; empty = ~/.cache/fedsim/data")
+    download: bool = option(False, "let torchvision download mnist/cifar/caltech101 into --data-root "
+                                   "(needs network)")
+    synthetic_classes: int = option(10, "synthetic: number of shape classes (up to 8 shapes, "
+                                        "then shape-and-colour pairs, at most 64)")
+    synthetic_size: int = option(100, "synthetic: images per class")
+    partition: str = option("iid", "how the private pool is split across clients: iid, dirichlet "
+                                    "(label skew, see --alpha) or shard (see --shards)")
+    alpha: float = option(0.5, "dirichlet: concentration; smaller = each client sees fewer classes")
+    shards: int = option(2, "shard: classes per client")
     model: str = option("tiny-clip", "tiny-clip (open_clip config shipped with fedsim) or lenet (DLG's LeNet)")
     pretrained: str = option("none", "weights for the model: none = random init")
     peft: str = option("coop", "trainable part: coop (soft prompts) for CLIP, full for classic models")
@@ -54,9 +69,8 @@ class RunConfig:
 
     def validate(self, attacks: list[str], defenses: list[str]) -> None:
         """Fail fast with a message naming the bad value and the valid ones."""
-        _positive(self, "clients", "rounds", "batch_size", "image_size", "n_ctx", "attack_iters",
-                  "attack_restarts")
-        _choice("dataset", self.dataset, DATASETS)
+        self.validate_data()
+        _positive(self, "rounds", "n_ctx", "attack_iters", "attack_restarts")
         _choice("model", self.model, MODELS)
         _choice("peft", self.peft, PEFT_METHODS[self.model], f" for --model {self.model}")
         _choice("attack", self.attack, ["none", *attacks])
@@ -80,6 +94,21 @@ class RunConfig:
             if out.is_dir() and any(out.iterdir()) and not self.overwrite:
                 raise ConfigError(f"--out {self.out} exists and is not empty; pass --overwrite or "
                                   "choose another directory")
+
+    def validate_data(self) -> None:
+        """The checks on the fields that define the data and its partition."""
+        _positive(self, "clients", "batch_size", "image_size", "synthetic_classes", "synthetic_size",
+                  "shards")
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("partition", self.partition, PARTITIONS)
+        if not self.alpha > 0:
+            raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
+        if self.synthetic_classes > SYNTHETIC_MAX_CLASSES:
+            raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too many; valid: "
+                              f"1..{SYNTHETIC_MAX_CLASSES}")
+        if self.dataset == "imagefolder" and not self.data_root:
+            raise ConfigError("--dataset imagefolder needs --data-root DIR, a folder with one "
+                              "sub-folder of images per class")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
