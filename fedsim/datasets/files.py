@@ -23,10 +23,11 @@ DEFAULT_ROOT = Path("~/.cache/fedsim/data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
                "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
-CIFAR = {  # dataset: (folder, train files, test files, meta file, label key, names key)
-    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
-                "batches.meta", "labels", "label_names"),
-    "cifar100": ("cifar-100-python", ["train"], ["test"], "meta", "fine_labels", "fine_label_names"),
+CIFAR = {  # dataset: (archive, folder, train files, test files, meta file, label key, names key)
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)],
+                ["test_batch"], "batches.meta", "labels", "label_names"),
+    "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python", ["train"], ["test"], "meta",
+                 "fine_labels", "fine_label_names"),
 }
 
 
@@ -110,7 +111,7 @@ def read_cifar_pickle(path: Path) -> dict:
 
 
 def _load_cifar(dataset: str, image_size: int, root: Path, download: bool) -> ImageDataset:
-    folder, train, test, meta, label_key, names_key = CIFAR[dataset]
+    archive, folder, train, test, meta, label_key, names_key = CIFAR[dataset]
     if download:
         from torchvision.datasets import CIFAR10, CIFAR100
         from torchvision.datasets.utils import download_and_extract_archive
@@ -121,7 +122,7 @@ def _load_cifar(dataset: str, image_size: int, root: Path, download: bool) -> Im
     files = [*train, *test, meta]
     if not all((root / folder / name).is_file() for name in files):
         raise _missing(dataset, root / folder, f"expected the python-format batches {', '.join(files)} "
-                       f"(extract {folder}.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html into "
+                       f"(extract {archive} from https://www.cs.toronto.edu/~kriz/cifar.html into "
                        f"{root})")
     batches = [read_cifar_pickle(root / folder / name) for name in [*train, *test]]
     images = np.concatenate([np.asarray(b["data"], np.uint8).reshape(-1, 3, 32, 32) for b in batches])
