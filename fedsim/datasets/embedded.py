@@ -66,10 +66,8 @@ def load_photos(image_size: int, seed: int) -> ImageDataset:
         for _ in range(CROPS_PER_PHOTO):
             side = int(rng.uniform(*CROP_SCALE) * min(height, width))
             top, left = rng.integers(0, height - side + 1), rng.integers(0, width - side + 1)
-            crop = chw[:, top:top + side, left:left + side]
-            if rng.random() < 0.5:
-                crop = crop.flip(-1)
-            images.append(resize(crop[None], image_size)[0])
+            crop = resize(chw[None, :, top:top + side, left:left + side], image_size)[0]
+            images.append(crop.flip(-1) if rng.random() < 0.5 else crop)
             labels.append(label)
     names = tuple(name for _, name in PHOTOS)
     return ImageDataset("photos", torch.stack(images), labels_tensor(labels), names)
