@@ -59,8 +59,8 @@ def split_public(dataset: ImageDataset, seed: int) -> tuple[ImageDataset, ImageD
     no copy), else a seeded 20 % public split. The public part is what a server may hold."""
     if dataset.test_start is not None:
         cut = dataset.test_start
-        return tuple(ImageDataset(dataset.name, dataset.images[part], dataset.labels[part], dataset.class_names)
-                     for part in (slice(None, cut), slice(cut, None)))
+        return tuple(ImageDataset(dataset.name, dataset.images[part], dataset.labels[part],
+                                  dataset.class_names) for part in (slice(None, cut), slice(cut, None)))
     order = np.random.default_rng([seed, 0xDA7A]).permutation(len(dataset))
     n_public = int(round(PUBLIC_FRACTION * len(dataset)))
     return dataset.subset(np.sort(order[n_public:])), dataset.subset(np.sort(order[:n_public]))

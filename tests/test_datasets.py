@@ -220,7 +220,8 @@ def test_malicious_cifar_pickle_is_refused_without_running(tmp_path):
     marker = tmp_path / "pwned"
     evil = {"labels": [0], "data": _Exploit(marker)}
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").write_bytes(pickle.dumps(evil))
-    with pytest.raises(ConfigError, match=r"data_batch_3 is not a CIFAR python batch: refusing to load .*system"):
+    refused = r"data_batch_3 is not a CIFAR python batch: refusing to load .*system"
+    with pytest.raises(ConfigError, match=refused):
         load_dataset(RunConfig(dataset="cifar10", data_root=str(tmp_path), image_size=8))
     assert not marker.exists()
     (tmp_path / "eval.pkl").write_bytes(pickle.dumps({"x": eval}))
