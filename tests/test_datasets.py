@@ -311,3 +311,17 @@ def test_describe_prints_clients_classes_and_public_split():
 def test_describe_reports_bad_values():
     result = CliRunner().invoke(app, ["data", "describe", "--partition", "nope"])
     assert result.exit_code == 2 and "valid: iid, dirichlet, shard" in result.output
+
+
+def test_garbled_files_are_config_errors(tmp_path):
+    _write_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"\x80\x04garbage")
+    with pytest.raises(ConfigError, match="test_batch is not a CIFAR python batch"):
+        load_dataset(RunConfig(dataset="cifar10", data_root=str(tmp_path), image_size=9))
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08")
+    with pytest.raises(ConfigError, match="not MNIST idx files"):
+        load_dataset(RunConfig(dataset="mnist", data_root=str(tmp_path), image_size=9))

@@ -62,9 +62,13 @@ def load_mnist(image_size: int, data_root: str, download: bool) -> ImageDataset:
         _download("mnist", root, lambda: MNIST(str(root), download=True))
     if not all((raw / name).is_file() for name in MNIST_FILES):
         raise _missing("mnist", raw, f"expected the uncompressed idx files {', '.join(MNIST_FILES)}")
-    images = np.concatenate([read_image_file(str(raw / MNIST_FILES[i])).numpy() for i in (0, 2)])
-    labels = np.concatenate([read_label_file(str(raw / MNIST_FILES[i])).numpy() for i in (1, 3)])
-    n_train = len(read_label_file(str(raw / MNIST_FILES[1])))
+    try:
+        images = [read_image_file(str(raw / MNIST_FILES[i])).numpy() for i in (0, 2)]
+        labels = [read_label_file(str(raw / MNIST_FILES[i])).numpy() for i in (1, 3)]
+    except Exception as exc:  # torchvision asserts on the header; a truncated file fails anywhere
+        raise ConfigError(f"--dataset mnist: {raw} holds files that are not MNIST idx files ({exc!r})") from None
+    n_train = len(labels[0])
+    images, labels = np.concatenate(images), np.concatenate(labels)
     return ImageDataset("mnist", to_images(images, image_size), labels_tensor(labels), DIGIT_NAMES, n_train)
 
 
@@ -103,7 +107,7 @@ def read_cifar_pickle(path: Path) -> dict:
     try:
         with open(path, "rb") as file:
             data = _NumpyOnlyUnpickler(file, encoding="latin1").load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+    except Exception as exc:  # refused globals, truncated or garbled files
         raise ConfigError(f"{path} is not a CIFAR python batch: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} is not a CIFAR python batch: holds {type(data).__name__}, not a dict")
@@ -125,6 +129,10 @@ def _load_cifar(dataset: str, image_size: int, root: Path, download: bool) -> Im
                        f"(extract {archive} from https://www.cs.toronto.edu/~kriz/cifar.html into "
                        f"{root})")
     batches = [read_cifar_pickle(root / folder / name) for name in [*train, *test]]
+    for name, batch in zip([*train, *test], batches):
+        if "data" not in batch or label_key not in batch:
+            raise ConfigError(f"{root / folder / name} lacks the 'data' or '{label_key}' entry of a "
+                              f"{dataset} batch")
     images = np.concatenate([np.asarray(b["data"], np.uint8).reshape(-1, 3, 32, 32) for b in batches])
     labels = np.concatenate([np.asarray(b[label_key]) for b in batches])
     names = tuple(str(n).replace("_", " ") for n in read_cifar_pickle(root / folder / meta)[names_key])
