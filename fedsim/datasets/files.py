@@ -66,7 +66,8 @@ def load_mnist(image_size: int, data_root: str, download: bool) -> ImageDataset:
         images = [read_image_file(str(raw / MNIST_FILES[i])).numpy() for i in (0, 2)]
         labels = [read_label_file(str(raw / MNIST_FILES[i])).numpy() for i in (1, 3)]
     except Exception as exc:  # torchvision asserts on the header; a truncated file fails anywhere
-        raise ConfigError(f"--dataset mnist: {raw} holds files that are not MNIST idx files ({exc!r})") from None
+        raise ConfigError(f"--dataset mnist: {raw} holds files that are not MNIST idx files "
+                          f"({exc!r})") from None
     n_train = len(labels[0])
     images, labels = np.concatenate(images), np.concatenate(labels)
     return ImageDataset("mnist", to_images(images, image_size), labels_tensor(labels), DIGIT_NAMES, n_train)
