@@ -7,7 +7,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import get_type_hints
 
+import numpy as np
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -30,12 +32,17 @@ def _run(verbose: bool = False, **options) -> None:
         raise typer.Exit(2) from None
 
 
-def _run_signature() -> inspect.Signature:
-    """`fedsim run`'s options, one per RunConfig field, with its default and help text."""
+def _config_options(names: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
+    """One option per RunConfig field (all, or those in `names`), with its default and help."""
     types = get_type_hints(RunConfig)
-    params = [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[f.name],
-                                default=typer.Option(f.default, help=f.metadata["help"]))
-              for f in fields(RunConfig)]
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[f.name],
+                              default=typer.Option(f.default, help=f.metadata["help"]))
+            for f in fields(RunConfig) if names is None or f.name in names]
+
+
+def _run_signature() -> inspect.Signature:
+    """`fedsim run`'s options, one per RunConfig field."""
+    params = _config_options()
     params.append(inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
                                     default=typer.Option(False, "--verbose", "-v",
                                                          help="show Flower's and Ray's logs")))
@@ -46,6 +53,59 @@ _run.__signature__ = _run_signature()
 app.command("run", help="Run a federated simulation, attack every client update, score what leaked. "
                         "Writes config.yaml, results.csv, timings.json and reconstructions/*.png "
                         "to --out.")(_run)
+
+
+data_app = typer.Typer(help="Inspect datasets and client partitions.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+DATA_FIELDS = ("clients", "batch_size", "dataset", "image_size", "data_root", "download",
+               "synthetic_classes", "synthetic_size", "partition", "alpha", "shards", "seed")
+
+
+def _describe(**options) -> None:
+    try:
+        cfg = RunConfig(**options)
+        cfg.validate_data()
+        from fedsim.data import federated_data
+
+        data = federated_data(cfg)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    console.print(describe_table(cfg, data))
+
+
+def describe_table(cfg: RunConfig, data) -> Table:
+    """Per-client image and class counts, then the public split."""
+    names = data.private.class_names
+    per_class = len(names) <= 10  # one column per label; otherwise the most common classes
+    how = {"dirichlet": f"dirichlet, alpha {cfg.alpha}", "shard": f"shard, {cfg.shards} classes each"}
+    caption = "labels: " + ", ".join(f"{k} {name}" for k, name in enumerate(names)) if per_class else None
+    table = Table(title=f"{cfg.dataset}: {len(data.private)} private images across {cfg.clients} clients "
+                        f"({how.get(cfg.partition, cfg.partition)}), {len(data.public)} public",
+                  caption=caption, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for column in ("client", "images", "classes"):
+        table.add_column(column, justify="right", no_wrap=True)
+    labels = data.private.labels.numpy()
+    widest = len(str(max(np.bincount(labels).max(), np.bincount(data.public.labels.numpy()).max())))
+    for column in [str(k) for k in range(len(names))] if per_class else ["most common classes"]:
+        table.add_column(column, justify="right" if per_class else "left", no_wrap=per_class,
+                         min_width=widest if per_class else None)
+    rows = [(str(c), labels[idx]) for c, idx in enumerate(data.client_indices)]
+    for name, row_labels in [*rows, ("public", data.public.labels.numpy())]:
+        counts = np.bincount(row_labels, minlength=len(names))
+        if per_class:
+            cells = [str(n) if n else "." for n in counts]
+        else:
+            top = np.argsort(-counts, kind="stable")[:5]
+            cells = [", ".join(f"{names[k]} {counts[k]}" for k in top if counts[k])]
+        table.add_row(name, str(len(row_labels)), str(int((counts > 0).sum())), *cells,
+                      end_section=name == str(cfg.clients - 1))
+    return table
+
+
+_describe.__signature__ = inspect.Signature(_config_options(DATA_FIELDS))
+data_app.command("describe", help="Load a dataset, partition it as `fedsim run` would and print "
+                                  "each client's image and class counts and the public split.")(_describe)
 
 
 @app.command("list")
@@ -63,6 +123,29 @@ def list_plugins() -> None:
             doc = (inspect.getdoc(inspect.getmodule(obj)) or inspect.getdoc(obj) or "").splitlines()
             table.add_row(name, ep.value, doc[0] if doc else "")
         console.print(table)
+
+
+@app.command("models")
+def list_models() -> None:
+    """List the models --model takes, with open_clip's pretrained tags (downloaded when online)."""
+    import open_clip
+
+    from fedsim.config import CLASSIC_MODELS, CLIP_PEFT
+
+    tags: dict[str, list[str]] = {}
+    for name, tag in open_clip.list_pretrained():
+        tags.setdefault(name, []).append(tag)
+    table = Table(title="models (--model) and their --pretrained tags")
+    table.add_column("model")
+    table.add_column("--peft")
+    table.add_column("--pretrained")
+    table.add_row("tiny-clip", ", ".join(CLIP_PEFT), "fedsim (pre-trained by fedsim, cached), none")
+    for name in CLASSIC_MODELS:
+        table.add_row(name, "full", "none")
+    for name in open_clip.list_models():
+        if not name.startswith("fedsim-"):
+            table.add_row(name, "as tiny-clip", ", ".join(["none", *tags.get(name, [])]) + ", or a file")
+    console.print(table)
 
 
 @app.command("attack")

@@ -14,7 +14,10 @@ class ConfigError(ValueError):
     """A bad value in a run configuration; the message names the value and the valid ones."""
 
 
-DATASETS = ("digits",)
+DATASETS = ("digits", "faces", "photos", "synthetic", "mnist", "cifar10", "cifar100", "caltech101",
+            "imagefolder")
+PARTITIONS = ("iid", "dirichlet", "shard")
+SYNTHETIC_MAX_CLASSES = 64  # 8 shapes x 8 colours
 CLASSIC_MODELS = ("lenet", "convnet", "resnet18")
 CLIP_PEFT = ("coop", "adapter", "text-adapter", "double-adapter", "lora", "vpt", "linear-probe", "full")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,8 +37,20 @@ class RunConfig:
     clients: int = option(10, "number of simulated clients (Flower supernodes)")
     rounds: int = option(1, "federated rounds")
     batch_size: int = option(1, "images in each client's batch per round (FedSGD: one batch, one gradient)")
-    dataset: str = option("digits", "embedded dataset")
+    dataset: str = option("digits", "embedded: digits, faces, photos, synthetic; from --data-root: "
+                                    "mnist, cifar10, cifar100, caltech101, imagefolder")
     image_size: int = option(32, "images are resized to this many pixels per side")
+    data_root: str = option("", "folder holding mnist/cifar/caltech101 files in torchvision's layout, "
+                                "or imagefolder's class folders; empty = ~/.cache/fedsim/data")
+    download: bool = option(False, "let torchvision download mnist/cifar/caltech101 into --data-root "
+                                   "(needs network)")
+    synthetic_classes: int = option(10, "synthetic: number of shape classes (up to 8 shapes, "
+                                        "then shape-and-colour pairs, at most 64)")
+    synthetic_size: int = option(100, "synthetic: images per class")
+    partition: str = option("iid", "how the private pool is split across clients: iid, dirichlet "
+                                    "(label skew, see --alpha) or shard (see --shards)")
+    alpha: float = option(0.5, "dirichlet: concentration; smaller = each client sees fewer classes")
+    shards: int = option(2, "shard: classes per client")
     model: str = option("tiny-clip", "tiny-clip (shipped with fedsim), any open_clip model name "
                         "(e.g. ViT-B-32), or a classic model: lenet (DLG's), convnet, resnet18")
     pretrained: str = option("none", "CLIP weights: none = random init, an open_clip pretrained tag "
@@ -71,14 +86,14 @@ class RunConfig:
 
     def validate(self, attacks: list[str], defenses: list[str]) -> None:
         """Fail fast with a message naming the bad value and the valid ones."""
-        _positive(self, "clients", "rounds", "batch_size", "image_size", "n_ctx", "attack_iters",
-                  "attack_restarts", "adapter_reduction", "lora_rank", "vpt_tokens", "local_steps")
+        self.validate_data()
+        _positive(self, "rounds", "n_ctx", "attack_iters", "attack_restarts", "adapter_reduction",
+                  "lora_rank", "vpt_tokens", "local_steps")
         _choice("protocol", self.protocol, PROTOCOLS)
         if self.local_epochs < 0:
             raise ConfigError(f"--local-epochs must be >= 0, got {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
-        _choice("dataset", self.dataset, DATASETS)
         self._validate_model()
         _choice("attack", self.attack, ["none", *attacks])
         _choice("defense", self.defense, ["none", *defenses])
@@ -98,6 +113,21 @@ class RunConfig:
                 raise ConfigError(f"--out {self.out} exists and is not empty; pass --overwrite or "
                                   "choose another directory")
 
+    def validate_data(self) -> None:
+        """The checks on the fields that define the data and its partition."""
+        _positive(self, "clients", "batch_size", "image_size", "synthetic_classes", "synthetic_size",
+                  "shards")
+        _choice("dataset", self.dataset, DATASETS)
+        _choice("partition", self.partition, PARTITIONS)
+        if not self.alpha > 0:
+            raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
+        if self.synthetic_classes > SYNTHETIC_MAX_CLASSES:
+            raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too many; valid: "
+                              f"1..{SYNTHETIC_MAX_CLASSES}")
+        if self.dataset == "imagefolder" and not self.data_root:
+            raise ConfigError("--dataset imagefolder needs --data-root DIR, a folder with one "
+                              "sub-folder of images per class")
+
     def _validate_model(self) -> None:
         if self.model in CLASSIC_MODELS:
             _choice("peft", self.peft, ("full",), f" for --model {self.model}")
@@ -108,7 +138,7 @@ class RunConfig:
         if self.model not in ("tiny-clip", *clip_model_names()):
             raise ConfigError(f"--model {self.model!r} is not valid; valid: tiny-clip, "
                               f"{', '.join(CLASSIC_MODELS)}, or an open_clip model name such as "
-                              f"{', '.join(clip_model_names()[:4])} (`fedsim models` lists them)")
+                              f"{', '.join(clip_model_names()[:4])} (`fedsim models` lists them all)")
         _choice("peft", self.peft, CLIP_PEFT, f" for --model {self.model}")
         _choice("lora-tower", self.lora_tower, ("image", "text", "both"))
         for target in self.lora_target_list:
