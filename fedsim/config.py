@@ -53,8 +53,9 @@ class RunConfig:
     shards: int = option(2, "shard: classes per client")
     model: str = option("tiny-clip", "tiny-clip (shipped with fedsim), any open_clip model name "
                         "(e.g. ViT-B-32), or a classic model: lenet (DLG's), convnet, resnet18")
-    pretrained: str = option("none", "CLIP weights: none = random init, an open_clip pretrained tag "
-                             "(downloaded when online), or a local checkpoint file")
+    pretrained: str = option("fedsim", "CLIP weights: fedsim = tiny-clip pre-trained by fedsim (built "
+                             "and cached on first use), none = random init, an open_clip pretrained "
+                             "tag (downloaded when online), or a local checkpoint file")
     peft: str = option("coop", "trainable part of CLIP: " + ", ".join(CLIP_PEFT) + "; classic models: full")
     n_ctx: int = option(4, "coop: number of learnable context vectors")
     coop_class_specific: bool = option(False, "coop: one set of context vectors per class")
@@ -131,7 +132,9 @@ class RunConfig:
     def _validate_model(self) -> None:
         if self.model in CLASSIC_MODELS:
             _choice("peft", self.peft, ("full",), f" for --model {self.model}")
-            _choice("pretrained", self.pretrained, ("none",), f" for --model {self.model}")
+            if self.pretrained not in ("none", "fedsim"):  # "fedsim" (the default) means nothing here
+                raise ConfigError(f"--pretrained {self.pretrained!r} is not valid for --model {self.model}; "
+                                  "valid: none (classic models start from random init)")
             return
         from fedsim.models.clip import clip_model_names
 
@@ -140,6 +143,9 @@ class RunConfig:
                               f"{', '.join(CLASSIC_MODELS)}, or an open_clip model name such as "
                               f"{', '.join(clip_model_names()[:4])} (`fedsim models` lists them all)")
         _choice("peft", self.peft, CLIP_PEFT, f" for --model {self.model}")
+        if self.pretrained == "fedsim" and self.model != "tiny-clip":
+            raise ConfigError(f"--pretrained fedsim exists only for tiny-clip; for --model {self.model} "
+                              "valid: none, an open_clip tag (`fedsim models`), or a checkpoint file")
         _choice("lora-tower", self.lora_tower, ("image", "text", "both"))
         for target in self.lora_target_list:
             hint = " (peft wraps nn.MultiheadAttention whole: target attn)" if target == "out_proj" else ""

@@ -12,6 +12,7 @@ from torch import nn
 from fedsim.config import CLASSIC_MODELS, ConfigError, RunConfig
 from fedsim.models.classic import LeNet, build_classic
 from fedsim.models.clip import TINY_CLIP, create_clip
+from fedsim.models.pretrain import ensure_pretrained
 from fedsim.models.peft import (CLIPAdapter, CLIPClassifier, CoOp, FullFineTune, LinearProbe, LoRA,
                                 VisualPrompt)
 from fedsim.task import Task
@@ -39,7 +40,9 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
         if spec["model"] in CLASSIC_MODELS:
             return build_classic(spec["model"], len(names), spec["image_size"]).eval()
         clip_name = TINY_CLIP if spec["model"] == "tiny-clip" else spec["model"]
-        pretrained = None if spec["pretrained"] == "none" else spec["pretrained"]
+        pretrained = {"none": None, "fedsim": None}.get(spec["pretrained"], spec["pretrained"])
+        if spec["pretrained"] == "fedsim":
+            pretrained = str(ensure_pretrained())
         try:
             clip, tokenizer = create_clip(clip_name, pretrained)
         except (RuntimeError, OSError, ValueError) as exc:

@@ -34,8 +34,8 @@ EMBEDDED = ("digits", "faces", "photos")
 
 @dataclass(frozen=True)
 class Recipe:
-    steps: int = 1500
-    batch_size: int = 256
+    steps: int = 1000
+    batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.05
     synthetic_classes: int = 16
@@ -99,7 +99,7 @@ def pretrain(seed: int = 0, recipe: Recipe = Recipe(), progress=None) -> dict[st
         opt.step()
         sched.step()
         if progress:
-            progress(step + 1, recipe.steps, float(loss))
+            progress(step + 1, recipe.steps, loss.item())
     return {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
 
 
