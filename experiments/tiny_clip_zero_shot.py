@@ -35,7 +35,8 @@ def main() -> None:
     start = time.perf_counter()
     ensure_pretrained()
     print(f"checkpoint {checkpoint_path()} ready in {time.perf_counter() - start:.0f}s")
-    print(f"{'dataset':10s} {'classes':>7s} {'random init':>12s} {'pre-trained':>12s} {'feature cos (rand -> pre)':>26s}")
+    print(f"{'dataset':10s} {'classes':>7s} {'random init':>12s} {'pre-trained':>12s} "
+          f"{'feature cos (rand -> pre)':>26s}")
     for name in ("digits", "faces", "photos", "synthetic"):
         row = []
         for pretrained in ("none", "fedsim"):

@@ -12,8 +12,7 @@ from typer.testing import CliRunner
 
 from fedsim.cli import app
 from fedsim.config import DATASETS, ConfigError, RunConfig
-from fedsim.data import (federated_data, load_dataset, partition_dirichlet, partition_iid,
-                         partition_shard)
+from fedsim.data import federated_data, load_dataset, partition_dirichlet, partition_iid, partition_shard
 from fedsim.datasets import SOURCES
 from fedsim.datasets.embedded import load_photos
 from fedsim.datasets.files import read_cifar_pickle

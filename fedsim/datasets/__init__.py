@@ -13,8 +13,7 @@ from typing import Callable
 
 from fedsim.datasets.base import ImageDataset, resize, to_images
 from fedsim.datasets.embedded import load_digits, load_faces, load_photos
-from fedsim.datasets.files import (load_caltech101, load_cifar10, load_cifar100, load_imagefolder,
-                                   load_mnist)
+from fedsim.datasets.files import load_caltech101, load_cifar10, load_cifar100, load_imagefolder, load_mnist
 from fedsim.datasets.synthetic import load_synthetic
 
 __all__ = ["ImageDataset", "SOURCES", "Source", "loader_args", "resize", "to_images"]

@@ -12,9 +12,8 @@ from torch import nn
 from fedsim.config import CLASSIC_MODELS, ConfigError, RunConfig
 from fedsim.models.classic import LeNet, build_classic
 from fedsim.models.clip import TINY_CLIP, create_clip
+from fedsim.models.peft import CLIPAdapter, CLIPClassifier, CoOp, FullFineTune, LinearProbe, LoRA, VisualPrompt
 from fedsim.models.pretrain import ensure_pretrained
-from fedsim.models.peft import (CLIPAdapter, CLIPClassifier, CoOp, FullFineTune, LinearProbe, LoRA,
-                                VisualPrompt)
 from fedsim.task import Task
 
 __all__ = ["build_model", "build_task", "model_spec", "derive_seed", "LeNet", "CLIPClassifier"]
