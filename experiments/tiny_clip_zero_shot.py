@@ -1,5 +1,6 @@
 """Pre-train the tiny CLIP (or load the cached one) and report its zero-shot accuracy on the
-private pool of each embedded dataset (images it never saw), against the random-init model.
+held-out half of each embedded dataset's public split (images it never saw; the server
+measures global accuracy there too), against the random-init model.
 
     .venv/bin/python experiments/tiny_clip_zero_shot.py [--rebuild]
 """
@@ -43,10 +44,10 @@ def main() -> None:
             cfg = RunConfig(dataset=name, peft="linear-probe", pretrained=pretrained)
             data = federated_data(cfg)
             task = build_task(model_spec(cfg, data.private.class_names))
-            images, labels = data.private.images, data.private.labels
+            images, labels = data.public_eval.images, data.public_eval.labels
             row.append((accuracy(task, task.trainable(), images, labels)["accuracy"],
                         mean_offdiag_cosine(task, images)))
-        print(f"{name:10s} {data.private.num_classes:7d} {row[0][0]:12.1%} {row[1][0]:12.1%} "
+        print(f"{name:10s} {data.public_eval.num_classes:7d} {row[0][0]:12.1%} {row[1][0]:12.1%} "
               f"{row[0][1]:12.3f} -> {row[1][1]:.3f}")
 
 

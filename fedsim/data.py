@@ -37,6 +37,12 @@ class FederatedData:
         rng = np.random.default_rng([cfg.seed, round_, client])
         return np.sort(rng.choice(pool, size=cfg.batch_size, replace=False))
 
+    @property
+    def public_eval(self) -> ImageDataset:
+        """The half of the public split the tiny CLIP was not pre-trained on: where the server
+        measures global accuracy (see `public_halves`)."""
+        return public_halves(self.public)[1]
+
     def client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(self.client_indices[client])
         return self.private.images[idx], self.private.labels[idx]
@@ -150,9 +156,16 @@ def partition(cfg: RunConfig, labels: np.ndarray) -> tuple[np.ndarray, ...]:
     raise ConfigError(f"--partition {cfg.partition!r} is not valid; valid: iid, dirichlet, shard")
 
 
-def public_split_of(name: str, image_size: int) -> ImageDataset:
-    """The public split of an embedded dataset at its default settings."""
-    return split_public(load_dataset(RunConfig(dataset=name, image_size=image_size)))[1]
+def public_halves(public: ImageDataset) -> tuple[ImageDataset, ImageDataset]:
+    """(pre-training half, evaluation half) of a public split: alternate images, so both halves
+    cover every class. fedsim's tiny CLIP sees only the first half."""
+    idx = np.arange(len(public))
+    return public.subset(idx[0::2]), public.subset(idx[1::2])
+
+
+def pretraining_split_of(name: str, image_size: int) -> ImageDataset:
+    """The pre-training half of an embedded dataset's public split, at its default settings."""
+    return public_halves(split_public(load_dataset(RunConfig(dataset=name, image_size=image_size)))[1])[0]
 
 
 def federated_data(cfg: RunConfig) -> FederatedData:

@@ -25,7 +25,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.config import RunConfig
 from fedsim.data import federated_data
-from fedsim.models import build_task, derive_seed, model_spec
+from fedsim.models import build_task, derive_seed, model_spec, resolve_device
 from fedsim.observation import Observation
 from fedsim.plugins import make_defense
 from fedsim.training import client_examples, local_steps, local_update
@@ -42,7 +42,8 @@ def _client_state(cfg_json: str):
     cfg = RunConfig.from_dict(json.loads(cfg_json))
     torch.set_num_threads(1)  # one Ray CPU per client: do not oversubscribe the cores
     data = federated_data(cfg)
-    return cfg, data, build_task(model_spec(cfg, data.private.class_names)), make_defense(cfg)
+    device = resolve_device("cpu" if cfg.device == "cpu" else "auto")
+    return cfg, data, build_task(model_spec(cfg, data.private.class_names), device), make_defense(cfg)
 
 
 def client_update(cfg_json: str, client: int, round_: int, params: dict[str, torch.Tensor]):

@@ -16,7 +16,7 @@ from fedsim.models.peft import CLIPAdapter, CLIPClassifier, CoOp, FullFineTune, 
 from fedsim.models.pretrain import ensure_pretrained
 from fedsim.task import Task
 
-__all__ = ["build_model", "build_task", "model_spec", "derive_seed", "LeNet", "CLIPClassifier"]
+__all__ = ["build_model", "build_task", "model_spec", "derive_seed", "resolve_device", "LeNet", "CLIPClassifier"]
 
 PEFT_OPTIONS = ("n_ctx", "coop_class_specific", "adapter_reduction", "adapter_ratio", "lora_rank",
                 "lora_alpha", "lora_tower", "lora_targets", "vpt_tokens")
@@ -74,6 +74,16 @@ def build_task(spec: dict[str, Any], device: torch.device | str = "cpu") -> Task
     model = build_model(spec).to(device)
     size = spec["image_size"]
     return Task(model, len(spec["class_names"]), (3, size, size))
+
+
+def resolve_device(name: str) -> str:
+    """auto = CUDA when this process sees a GPU (a Ray client actor sees one only when it asked
+    for a GPU share), else CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda was asked for but CUDA is not available; valid here: auto, cpu")
+    return name
 
 
 def derive_seed(*parts) -> int:

@@ -2,9 +2,11 @@
 
 A random-init CLIP maps every image to nearly the same embedding, which makes attacks and
 accuracies meaningless. fedsim therefore pre-trains `fedsim-tiny-clip` itself, contrastively
-(Radford et al. 2021, arXiv 2103.00020), on embedded image-caption pairs: the public splits of
-the embedded datasets (digits, faces, photos), which no client ever holds, plus procedural
-shapes drawn with their own seed; captions come from class names and prompt templates.
+(Radford et al. 2021, arXiv 2103.00020), on embedded image-caption pairs: half of the public
+split of each embedded dataset (digits, faces, photos), which no client ever holds, plus
+procedural shapes drawn with their own seed; captions come from class names and prompt
+templates. The other half of each public split is where the server measures accuracy, so
+zero-shot and federated accuracies are on images the model never saw.
 
 Departure from CLIP's loss: with few captions, many images in a batch share one, so every
 image-caption pair of the same class counts as a positive (soft targets) instead of only the
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 
 from fedsim.models.clip import TINY_CLIP, create_clip
 
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.",
              "a small photo of a {}.", "a blurry photo of a {}.")
 EMBEDDED = ("digits", "faces", "photos")
@@ -52,11 +54,11 @@ def checkpoint_path(seed: int = 0) -> Path:
 
 def pretraining_pairs(seed: int, recipe: Recipe) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Images [N, 3, 32, 32], global class ids [N] and the class names they index."""
-    from fedsim.data import public_split_of
+    from fedsim.data import pretraining_split_of
     from fedsim.datasets.synthetic import load_synthetic
 
     images, labels, names = [], [], []
-    sets = [public_split_of(name, 32) for name in EMBEDDED]
+    sets = [pretraining_split_of(name, 32) for name in EMBEDDED]
     sets.append(load_synthetic(32, seed + 10_000, recipe.synthetic_classes, recipe.synthetic_per_class))
     for ds in sets:
         offset = len(names)
