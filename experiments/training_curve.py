@@ -56,7 +56,7 @@ def main() -> None:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for method, g in table.groupby("peft"):
         ax.plot(g["round"], g["accuracy"], marker="o", label=method)
-    ax.set(xlabel="round (0 = zero-shot)", ylabel=f"accuracy on {args.dataset} public split",
+    ax.set(xlabel="round (0 = zero-shot)", ylabel=f"accuracy, held-out {args.dataset} public half",
            title=f"FedAvg, {args.clients} clients, {args.local_steps} local steps")
     ax.legend()
     ax.grid(alpha=0.3)

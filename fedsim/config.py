@@ -22,7 +22,7 @@ CLASSIC_MODELS = ("lenet", "convnet", "resnet18")
 CLIP_PEFT = ("coop", "adapter", "text-adapter", "double-adapter", "lora", "vpt", "linear-probe", "full")
 DEVICES = ("auto", "cpu", "cuda")
 PROTOCOLS = ("fedsgd", "fedavg")
-ENGINES = ("ray",)
+ENGINES = ("ray", "inprocess")
 
 
 def option(default, help: str):
@@ -80,7 +80,8 @@ class RunConfig:
     dp_clip: float = option(1.0, "dp: per-example gradient L2 clipping bound C")
     dp_noise: float = option(1.0, "dp: noise multiplier sigma (noise std = sigma * C on the summed gradient)")
     seed: int = option(0, "seeds data split, batch schedule, model init, noise and attack")
-    engine: str = option("ray", "Flower simulation backend")
+    engine: str = option("ray", "ray: Flower's simulation engine on Ray; inprocess: clients called "
+                         "one after another in this process (no Ray start-up; tests, debugging)")
     device: str = option("auto", "auto = CUDA when available, else CPU")
     out: str = option("", "output directory; empty = runs/<timestamp>")
     overwrite: bool = option(False, "allow writing into a non-empty output directory")

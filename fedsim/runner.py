@@ -176,11 +176,11 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
         console.print(summary_table(results))
     if (out / "metrics.csv").exists():
         acc = pd.read_csv(out / "metrics.csv")
-        console.print(f"global accuracy on the public split: {acc['accuracy'].iloc[0]:.1%} before round 1, "
+        console.print(f"global accuracy on the held-out public split: {acc['accuracy'].iloc[0]:.1%} before round 1, "
                       f"{acc['accuracy'].iloc[-1]:.1%} after round {int(acc['round'].iloc[-1])}")
     elif cfg.attack != "none":
         console.print("[red]no client update was attacked: see the Flower log above[/]")
-    console.print(f"time: {timings['total_s']:.1f}s; waiting for clients (Ray start-up + training) "
+    console.print(f"time: {timings['total_s']:.1f}s; waiting for clients (engine start-up + training) "
                   f"{timings['waiting_for_clients_s']:.1f}s, of which client compute "
                   f"{timings['client_compute_s']:.1f}s summed over clients; attacks {timings['attacks_s']:.1f}s")
     console.print(f"results in [bold]{out}[/]")
@@ -188,7 +188,12 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
 
 
 def simulate(cfg: RunConfig, server_app, client_app) -> None:
-    """Flower's simulation engine on its Ray backend."""
+    """Flower's simulation engine on its Ray backend, or everything in this process."""
+    if cfg.engine == "inprocess":
+        from fedsim.engine import run_inprocess
+
+        run_inprocess(server_app, client_app, cfg.clients)
+        return
     from flwr.simulation import run_simulation
 
     # Ask Ray for GPUs only when there are some: a GPU request without CUDA hangs the simulation.
