@@ -8,7 +8,7 @@ loaders themselves live in fedsim/datasets/.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -37,7 +37,7 @@ class FederatedData:
         rng = np.random.default_rng([cfg.seed, round_, client])
         return np.sort(rng.choice(pool, size=cfg.batch_size, replace=False))
 
-    @property
+    @cached_property
     def public_eval(self) -> ImageDataset:
         """The half of the public split the tiny CLIP was not pre-trained on: where the server
         measures global accuracy (see `public_halves`)."""

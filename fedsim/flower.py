@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Iterable
@@ -36,11 +37,17 @@ UPDATE_KEY, METRICS_KEY, CLIENT_KEY = "arrays", "metrics", "client"
 # ---------------------------------------------------------------------------------- client
 
 
+def _in_ray_worker() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
 @lru_cache(maxsize=2)
 def _client_state(cfg_json: str):
     """Data, model and defense, built once per worker process and reused across clients."""
     cfg = RunConfig.from_dict(json.loads(cfg_json))
-    torch.set_num_threads(1)  # one Ray CPU per client: do not oversubscribe the cores
+    if _in_ray_worker():
+        torch.set_num_threads(1)  # one Ray CPU per client actor: do not oversubscribe the cores
     data = federated_data(cfg)
     device = resolve_device("cpu" if cfg.device == "cpu" else "auto")
     return cfg, data, build_task(model_spec(cfg, data.private.class_names), device), make_defense(cfg)

@@ -115,7 +115,8 @@ class AttackPipeline:
                       self.data.private.class_names)
             result = {**metrics, "gradient_loss": recon.extras.get("gradient_loss"), "status": "ok"}
         except Exception as exc:  # one failed attack must not lose the run: record it and go on
-            (self.out / "errors.log").open("a").write(f"{tag}\n{traceback.format_exc()}\n")
+            with (self.out / "errors.log").open("a") as log:
+                log.write(f"{tag}\n{traceback.format_exc()}\n")
             result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
         finally:
             self.progress.update(self.iter_bar, visible=False)

@@ -18,6 +18,13 @@ _CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(_CONFIG_DIR)
 
 
+def normalisation(clip: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's per-channel image mean and std, shaped [1, 3, 1, 1]."""
+    mean = getattr(clip.visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(clip.visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
+
+
 def clip_model_names() -> list[str]:
     return open_clip.list_models()
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedsim.models.clip import encode_text_embeddings, text_tower
+from fedsim.models.clip import encode_text_embeddings, normalisation, text_tower
 
 PROMPT_TEMPLATE = "a photo of a {}."
 
@@ -26,10 +26,9 @@ class CLIPClassifier(nn.Module):
         super().__init__()
         self.clip = clip
         self.class_names = list(class_names)
-        mean = getattr(clip.visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073)
-        std = getattr(clip.visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711)
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        mean, std = normalisation(clip)
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
         prompts = [PROMPT_TEMPLATE.format(name.replace("_", " ")) for name in self.class_names]
         self.register_buffer("prompt_tokens", tokenizer(prompts), persistent=False)
         self._frozen_text = None

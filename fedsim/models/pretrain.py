@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fedsim.models.clip import TINY_CLIP, create_clip
+from fedsim.models.clip import TINY_CLIP, create_clip, normalisation
 
 RECIPE_VERSION = 2
 TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a {}.",
@@ -81,8 +81,7 @@ def pretrain(seed: int = 0, recipe: Recipe = Recipe(), progress=None) -> dict[st
     clip.train().requires_grad_(True)
     images, labels, names = pretraining_pairs(seed, recipe)
     captions = tokenizer([t.format(n) for n in names for t in TEMPLATES]).view(len(names), len(TEMPLATES), -1)
-    mean = torch.tensor(clip.visual.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(clip.visual.image_std).view(1, 3, 1, 1)
+    mean, std = normalisation(clip)
     opt = torch.optim.AdamW(clip.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=recipe.lr, total_steps=recipe.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(seed)
