@@ -12,7 +12,7 @@ from fedsim.training import accuracy, client_examples, local_steps, local_update
 
 
 def setup(**kw):
-    cfg = RunConfig(clients=4, batch_size=4, **kw)
+    cfg = RunConfig(clients=4, batch_size=4, pretrained="none", **kw)
     data = federated_data(cfg)
     return cfg, data, build_task(model_spec(cfg, data.private.class_names))
 
