@@ -75,9 +75,41 @@ def lpips_metric() -> LPIPS:
     return LPIPS()
 
 
+@lru_cache(maxsize=1)
+def _feature_encoder():
+    """fedsim's pre-trained tiny CLIP image encoder: a fixed feature space for every dataset."""
+    from fedsim.models.clip import TINY_CLIP, create_clip, normalisation
+    from fedsim.models.pretrain import ensure_pretrained
+
+    clip, _ = create_clip(TINY_CLIP, str(ensure_pretrained()))
+    return clip, *normalisation(clip)
+
+
+@torch.no_grad()
+def image_features(images: torch.Tensor) -> torch.Tensor:
+    """Unit-norm tiny-CLIP features of images in [0, 1] (any size; resized to 32 px)."""
+    clip, mean, std = _feature_encoder()
+    x = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
+    return torch.nn.functional.normalize(clip.encode_image((x - mean) / std), dim=-1)
+
+
+def identifiability(matched: torch.Tensor, true: torch.Tensor, gallery: torch.Tensor) -> dict[str, float]:
+    """Share of reconstructions whose nearest image, among the true one and a gallery of
+    public images, is the true one: by pixel MSE and by tiny-CLIP feature cosine."""
+    candidates = torch.cat([true.unsqueeze(1), gallery.unsqueeze(0).expand(len(true), -1, -1, -1, -1)], 1)
+    pixel = ((candidates - matched.unsqueeze(1)) ** 2).flatten(2).mean(-1)  # [B, 1 + G]
+    f_recon = image_features(matched)
+    f_true, f_gallery = image_features(true), image_features(gallery)
+    cos = torch.cat([(f_recon * f_true).sum(-1, keepdim=True), f_recon @ f_gallery.T], 1)
+    return {"ident_pixel": float((pixel.argmin(1) == 0).float().mean()),
+            "ident_feature": float((cos.argmax(1) == 0).float().mean())}
+
+
 def evaluate(recon_images: torch.Tensor, recon_labels: torch.Tensor,
-             true_images: torch.Tensor, true_labels: torch.Tensor) -> tuple[dict[str, float], np.ndarray]:
-    """Metrics of one reconstruction, and the matching (true image i <-> recon order[i])."""
+             true_images: torch.Tensor, true_labels: torch.Tensor,
+             gallery: torch.Tensor | None = None) -> tuple[dict[str, float], np.ndarray]:
+    """Metrics of one reconstruction, and the matching (true image i <-> recon order[i]).
+    With a gallery of public images, also how often the reconstruction identifies its image."""
     recon_images = recon_images.detach().float().cpu().clamp(0, 1)
     true_images = true_images.detach().float().cpu()
     if recon_images.shape != true_images.shape:
@@ -93,4 +125,6 @@ def evaluate(recon_images: torch.Tensor, recon_labels: torch.Tensor,
         "ssim": float(np.mean([ssim(m, t) for m, t in zip(matched, true_images)])),
         "lpips": lpips_metric()(matched, true_images),
     }
+    if gallery is not None:
+        metrics.update(identifiability(matched, true_images, gallery.float().cpu()))
     return metrics, order

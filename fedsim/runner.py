@@ -32,6 +32,7 @@ from fedsim.report import ResultsWriter, save_grid, summary_table
 from fedsim.task import Task
 from fedsim.training import accuracy, client_examples
 
+GALLERY_SIZE = 256  # public images in the identifiability gallery
 CLIENT_GPU_SHARE = 0.25  # each client actor takes a quarter GPU: four train at once per GPU
 
 
@@ -61,6 +62,7 @@ class AttackPipeline:
         self.iter_bar = progress.add_task("attack iterations", total=cfg.attack_iters, visible=False)
         self.attack = make_attack(cfg, progress=self._attack_progress)
         self.writer = ResultsWriter(out / "results.csv")
+        self.gallery = data.public.images[:GALLERY_SIZE]  # public images a reconstruction must stand out from
         self.timings = Timings()
         self._round_sent = 0.0
         for sub in ("reconstructions", "observations"):
@@ -109,7 +111,7 @@ class AttackPipeline:
             with single_cpu_thread(self.task.device):
                 recon = self.attack.reconstruct(obs, self.task)
             true_images, true_labels = client_examples(self.cfg, self.data, obs.round, obs.client)
-            metrics, order = evaluate(recon.images, recon.labels, true_images, true_labels)
+            metrics, order = evaluate(recon.images, recon.labels, true_images, true_labels, self.gallery)
             save_grid(self.out / "reconstructions" / f"{tag}.png",
                       [(true_images, true_labels), (recon.images[order], recon.labels[order])],
                       self.data.private.class_names)

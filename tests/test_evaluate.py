@@ -42,3 +42,16 @@ def test_lpips_scores_when_weights_are_on_disk(tmp_path, monkeypatch):
     x = torch.rand(2, 3, 32, 32)
     assert metric(x, x) == pytest.approx(0.0, abs=1e-6)
     assert metric(x, torch.rand(2, 3, 32, 32)) > 0
+
+
+def test_identifiability_picks_the_true_image_out_of_a_gallery():
+    from fedsim.config import RunConfig
+    from fedsim.data import federated_data
+
+    data = federated_data(RunConfig(clients=2))
+    true, gallery = data.private.images[:4], data.public.images[:50]
+    exact = ev.identifiability(true.clone(), true, gallery)
+    assert exact == {"ident_pixel": 1.0, "ident_feature": 1.0}
+    # A reconstruction that is really a different public image is identified as that one, not its own.
+    wrong = ev.identifiability(gallery[:4].clone(), true, gallery)
+    assert wrong["ident_pixel"] == 0.0 and wrong["ident_feature"] == 0.0
