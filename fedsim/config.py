@@ -68,7 +68,7 @@ class RunConfig:
     vpt_tokens: int = option(4, "vpt: number of learnable visual prompt tokens")
     protocol: str = option("fedsgd", "fedsgd: clients send the gradient of one batch; fedavg: clients "
                            "take local SGD steps and send the weight delta")
-    lr: float = option(0.1, "learning rate: the server's step on the averaged gradient (fedsgd), "
+    lr: float = option(0.01, "learning rate: the server's step on the averaged gradient (fedsgd), "
                        "the clients' SGD step (fedavg)")
     local_steps: int = option(1, "fedavg: SGD steps on the round's batch")
     local_epochs: int = option(0, "fedavg: if > 0, passes over all the client's data instead of local steps")

@@ -13,8 +13,8 @@ from PIL import Image, ImageDraw
 from rich.table import Table
 
 RESULT_COLUMNS = ["round", "client", "attack", "defense", "peft", "model", "dataset", "batch_size",
-                  "label_acc", "mse", "psnr", "ssim", "lpips", "ident_pixel", "ident_feature", "gradient_loss", "seconds", "status",
-                  "error"]
+                  "label_acc", "mse", "psnr", "ssim", "lpips", "ident_pixel", "ident_feature", "gradient_loss",
+                  "seconds", "status", "error"]
 
 
 class ResultsWriter:
@@ -52,13 +52,14 @@ def save_grid(path: Path, rows: list[tuple[torch.Tensor, torch.Tensor]], class_n
 
 
 def summary_table(results: pd.DataFrame) -> Table:
-    """One line per (attack, defense): medians over clients and rounds."""
+    """One line per (attack, defense): successful attacks / all, then medians over clients and
+    rounds of label accuracy, PSNR (dB), SSIM, LPIPS, the share identified by pixels, seconds."""
     table = Table(title="fedsim results (median over clients and rounds)")
-    for col in ("attack", "defense", "runs", "failed", "label acc", "PSNR dB", "SSIM", "LPIPS", "ident", "sec"):
+    for col in ("attack", "defense", "ok", "label", "PSNR", "SSIM", "LPIPS", "ident", "sec"):
         table.add_column(col, justify="left" if col in ("attack", "defense") else "right")
     for (attack, defense), g in results.groupby(["attack", "defense"], sort=False):
         ok = g[g["status"] == "ok"]
-        table.add_row(attack, defense, str(len(g)), str(len(g) - len(ok)),
+        table.add_row(attack, defense, f"{len(ok)}/{len(g)}",
                       _fmt(ok["label_acc"].median(), "{:.0%}"), _fmt(ok["psnr"].median(), "{:.2f}"),
                       _fmt(ok["ssim"].median(), "{:.3f}"), _fmt(ok["lpips"].median(), "{:.3f}"),
                       _fmt(ok["ident_pixel"].mean(), "{:.0%}"),
