@@ -125,6 +125,16 @@ def list_plugins() -> None:
         console.print(table)
 
 
+@app.command("pretrain")
+def pretrain_tiny_clip(rebuild: bool = typer.Option(False, help="train again even if a checkpoint is cached")) -> None:
+    """Build (or find) the pre-trained tiny CLIP checkpoint that --pretrained fedsim loads."""
+    from fedsim.models.pretrain import checkpoint_path, ensure_pretrained
+
+    if rebuild:
+        checkpoint_path().unlink(missing_ok=True)
+    console.print(f"tiny CLIP checkpoint: {ensure_pretrained(console=console)}")
+
+
 @app.command("models")
 def list_models() -> None:
     """List the models --model takes, with open_clip's pretrained tags (downloaded when online)."""
