@@ -80,9 +80,10 @@ def _qualified(module: str, param: str) -> str:
 def _outputs_logits(task: Task, module: nn.Module) -> bool:
     seen = []
     handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
+    dtype = next(task.model.parameters()).dtype
     try:
         with torch.no_grad():
-            logits = task.model(torch.zeros(1, *task.image_shape, device=task.device))
+            logits = task.model(torch.zeros(1, *task.image_shape, device=task.device, dtype=dtype))
     finally:
         handle.remove()
     return bool(seen) and seen[-1].shape == logits.shape and torch.equal(seen[-1], logits)
