@@ -35,8 +35,9 @@ from torch import nn
 from fedsim.observation import Observation
 from fedsim.task import Task
 
-__all__ = ["LabelStrategyError", "LastLayer", "STRATEGIES", "gradinversion", "idlg", "ilrg", "ilrg_counts",
-           "last_linear_layer", "llg", "recover_labels"]
+__all__ = ["LabelStrategyError", "LastLayer", "STRATEGIES", "class_probabilities", "gradinversion", "idlg", "ilrg",
+           "ilrg_counts", "last_linear_layer", "layer_gradient", "llg", "recover_labels", "round_counts",
+           "solve_counts"]
 
 
 class LabelStrategyError(ValueError):
