@@ -53,7 +53,7 @@ def main() -> None:
             del task
     table = pd.DataFrame(rows)
     table.to_csv(args.out, index=False)
-    print(table.to_markdown(index=False) if hasattr(table, "to_markdown") else table.to_string(index=False))
+    print(table.to_string(index=False))
 
 
 if __name__ == "__main__":
