@@ -43,3 +43,12 @@ class Attack(ABC):
     @abstractmethod
     def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:
         """Rebuild the client's batch from its update."""
+
+
+def strategy_labels(strategy: str, observation: Observation, task: Task) -> torch.Tensor:
+    """Labels from a named label-recovery strategy (`attacks.labels.recover_labels`), imported
+    only when an attack asks for one. Raises `attacks.labels.LabelStrategyError` (a ValueError)
+    when the strategy does not apply to the observation."""
+    from attacks.labels import recover_labels
+
+    return torch.as_tensor(recover_labels(strategy, observation, task), dtype=torch.long)

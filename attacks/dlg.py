@@ -12,6 +12,10 @@ Departures from the paper, and why:
   noise. The line search only accepts steps that decrease the objective.
 - Several restarts may be asked for; the one whose gradient matches best is kept.
 
+With `label_strategy` set (e.g. "idlg"), the labels come from that label-recovery strategy
+(`attacks.labels`) and stay fixed: only the image is optimised, with hard-label
+cross-entropy. That is iDLG (attacks.idlg).
+
 An "iteration" is one `LBFGS.step` of up to `inner_steps` (20) L-BFGS iterations, as in the
 reference code's loop of 300 steps.
 """
@@ -23,7 +27,7 @@ import time
 
 import torch
 
-from attacks.base import Attack, Reconstruction
+from attacks.base import Attack, Reconstruction, strategy_labels
 from attacks.objectives import l2_distance
 from fedsim.observation import Observation
 from fedsim.task import Task
@@ -33,8 +37,10 @@ class DLG(Attack):
     name = "dlg"
 
     def __init__(self, iterations: int = 300, restarts: int = 1, seed: int = 0, progress=None,
-                 lr: float = 1.0, inner_steps: int = 20, history_size: int = 100):
+                 lr: float = 1.0, inner_steps: int = 20, history_size: int = 100,
+                 label_strategy: str | None = None):
         super().__init__(iterations, restarts, seed, progress)
+        self.label_strategy = label_strategy  # None: soft labels optimised jointly (DLG)
         self.lr = lr
         self.inner_steps = inner_steps  # L-BFGS iterations per optimiser.step(), as in DLG's code
         self.history_size = history_size
@@ -46,26 +52,32 @@ class DLG(Attack):
         params = {n: p.to(device) for n, p in observation.global_params.items()}
         shape = (observation.batch_size, *task.image_shape)
         gen = torch.Generator().manual_seed(self.seed)
+        fixed = None
+        if self.label_strategy is not None:
+            fixed = strategy_labels(self.label_strategy, observation, task).to(device)
         best = None
         for restart in range(self.restarts):
             images = torch.rand(shape, generator=gen).to(device).requires_grad_(True)
             label_logits = torch.randn(shape[0], task.num_classes, generator=gen).to(device).requires_grad_(True)
-            loss = self._optimise(task, params, target, images, label_logits, restart)
+            loss = self._optimise(task, params, target, images, label_logits, fixed, restart)
             if best is None or loss < best[0]:
                 best = (loss, images.detach(), label_logits.detach())
         loss, images, label_logits = best
-        return Reconstruction(images.clamp(0, 1).cpu(), label_logits.argmax(1).cpu(),
-                              {"gradient_loss": loss, "seconds": time.perf_counter() - start})
+        labels = fixed if fixed is not None else label_logits.argmax(1)
+        return Reconstruction(images.clamp(0, 1).cpu(), labels.cpu(),
+                              {"gradient_loss": loss, "seconds": time.perf_counter() - start,
+                               "label_source": self.label_strategy or "optimised"})
 
-    def _optimise(self, task, params, target, images, label_logits, restart) -> float:
-        optimiser = torch.optim.LBFGS([images, label_logits], lr=self.lr, max_iter=self.inner_steps,
+    def _optimise(self, task, params, target, images, label_logits, fixed, restart) -> float:
+        variables = [images] if fixed is not None else [images, label_logits]
+        optimiser = torch.optim.LBFGS(variables, lr=self.lr, max_iter=self.inner_steps,
                                       history_size=self.history_size, line_search_fn="strong_wolfe",
                                       tolerance_grad=0.0, tolerance_change=0.0)
 
         def closure():
             optimiser.zero_grad()
-            soft = torch.softmax(label_logits, dim=-1)
-            loss = l2_distance(task.gradients(params, images, soft, create_graph=True), target)
+            targets = fixed if fixed is not None else torch.softmax(label_logits, dim=-1)
+            loss = l2_distance(task.gradients(params, images, targets, create_graph=True), target)
             loss.backward()
             return loss
 

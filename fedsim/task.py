@@ -63,6 +63,33 @@ class Task:
             grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
         return dict(zip(leaves, grads))
 
+    def functional_gradients(self, params: Params, images: torch.Tensor, targets: torch.Tensor, aux=None):
+        """d loss / d params built with `torch.func.grad`, so it composes with `vmap` (one call
+        for many restarts) and can itself be differentiated w.r.t. the images.
+
+        `aux`, a callable of no arguments, is called right after the forward pass (e.g. to read
+        what forward hooks recorded); then the result is (gradients, aux()). Values read inside
+        the forward must leave through it: tensors escaping `torch.func.grad` otherwise are not
+        valid outside it."""
+        def loss(p):
+            value = self.loss(p, images, targets)
+            return value, aux()
+
+        with _second_order_attention():
+            if aux is None:
+                return grad(self.loss)(params, images, targets)
+            return grad(loss, has_aux=True)(params)
+
+    def batched_gradients(self, params: Params, images: torch.Tensor, targets: torch.Tensor) -> Params:
+        """One gradient per restart: images [R, B, C, H, W], targets [R, B] or [R, B, C] ->
+        each tensor [R, *shape]. Each restart's gradient is the mean over its own batch only,
+        which is why restarts cannot simply be stacked into one big batch."""
+        params = {n: p.detach() for n, p in params.items()}
+        if not getattr(self.model, "supports_vmap", True):
+            per = [self.functional_gradients(params, x, y) for x, y in zip(images, targets)]
+            return {n: torch.stack([g[n] for g in per]) for n in params}
+        return vmap(self.functional_gradients, in_dims=(None, 0, 0))(params, images, targets)
+
     def per_example_gradients(self, params: Params, images: torch.Tensor, labels: torch.Tensor) -> Params:
         """Gradients of each example's own loss, stacked on a leading batch dimension."""
         params = {n: p.detach() for n, p in params.items()}
