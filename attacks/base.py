@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from fedsim.config import ConfigError
 from fedsim.observation import Observation
 from fedsim.task import Task
 
@@ -36,9 +38,17 @@ class Attack(ABC):
 
     @classmethod
     def from_config(cls, cfg, progress=None) -> "Attack":
-        """Build the attack from a RunConfig; override to read attack-specific fields."""
+        """Build the attack from a RunConfig; override to read attack-specific fields.
+        `--label-strategy` reaches attacks that take a `label_strategy` argument: `default`
+        keeps the attack's own choice, `optimise` optimises soft labels jointly (DLG-style)."""
+        kwargs = {}
+        if cfg.label_strategy != "default":
+            if "label_strategy" not in inspect.signature(cls.__init__).parameters:
+                raise ConfigError(f"--label-strategy {cfg.label_strategy} does not apply to --attack "
+                                 f"{cfg.attack}, which takes no label strategy")
+            kwargs["label_strategy"] = None if cfg.label_strategy == "optimise" else cfg.label_strategy
         return cls(iterations=cfg.attack_iters, restarts=cfg.attack_restarts, seed=cfg.seed,
-                   progress=progress)
+                   progress=progress, **kwargs)
 
     @abstractmethod
     def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:

@@ -22,6 +22,7 @@ CLASSIC_MODELS = ("lenet", "convnet", "resnet18")
 CLIP_PEFT = ("coop", "adapter", "text-adapter", "double-adapter", "lora", "vpt", "linear-probe", "full")
 DEVICES = ("auto", "cpu", "cuda")
 PROTOCOLS = ("fedsgd", "fedavg")
+LABEL_STRATEGIES = ("idlg", "gradinversion", "llg", "ilrg")
 ENGINES = ("ray", "inprocess")
 
 
@@ -75,6 +76,8 @@ class RunConfig:
     fraction: float = option(1.0, "share of clients sampled each round")
     attack: str = option("dlg", "attack run by the curious server on every client update; none to skip")
     attack_iters: int = option(10, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 iterations each)")
+    label_strategy: str = option("default", "how the attack gets labels: default (the attack's own), "
+                                 "optimise (soft labels, DLG-style), or a rule: " + ", ".join(LABEL_STRATEGIES))
     attack_restarts: int = option(1, "independent restarts; the one that matches the gradient best is kept")
     defense: str = option("none", "defense applied in the client loop: none or dp")
     dp_clip: float = option(1.0, "dp: per-example gradient L2 clipping bound C")
@@ -98,6 +101,7 @@ class RunConfig:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
         self._validate_model()
         _choice("attack", self.attack, ["none", *attacks])
+        _choice("label-strategy", self.label_strategy, ("default", "optimise", *LABEL_STRATEGIES))
         _choice("defense", self.defense, ["none", *defenses])
         _choice("device", self.device, DEVICES)
         _choice("engine", self.engine, ENGINES)

@@ -55,12 +55,14 @@ class Timings:
 class AttackPipeline:
     """Runs the attack on each Observation, then scores it against the re-derived true batch."""
 
-    def __init__(self, cfg: RunConfig, data: FederatedData, task: Task, out: Path, progress: Progress):
+    def __init__(self, cfg: RunConfig, data: FederatedData, task: Task, attack, out: Path, progress: Progress):
         self.cfg, self.data, self.task, self.out = cfg, data, task, out
         self.progress = progress
         self.bar = progress.add_task("clients training", total=cfg.rounds * clients_per_round(cfg))
         self.iter_bar = progress.add_task("attack iterations", total=cfg.attack_iters, visible=False)
-        self.attack = make_attack(cfg, progress=self._attack_progress)
+        self.attack = attack
+        if attack is not None:
+            attack.progress = self._attack_progress
         self.writer = ResultsWriter(out / "results.csv")
         self.gallery = data.public.images[:GALLERY_SIZE]  # public images a reconstruction must stand out from
         self.timings = Timings()
@@ -157,6 +159,7 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
     cfg.validate(attack_names(), defense_names())
     data = federated_data(cfg)  # checks the batch size against every client's data
     device = resolve_device(cfg.device)
+    attack = make_attack(cfg)  # an attack that refuses its options fails here, before any work
     out = prepare_output(cfg)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     quiet_flower(verbose)
@@ -167,7 +170,7 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        pipeline = AttackPipeline(cfg, data, task, out, progress)
+        pipeline = AttackPipeline(cfg, data, task, attack, out, progress)
         initial = {n: p.cpu() for n, p in task.trainable().items()}
         server_app = make_server_app(cfg, initial, spec, pipeline, pipeline.evaluate_global)
         simulate(cfg, server_app, make_client_app(cfg))
