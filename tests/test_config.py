@@ -45,3 +45,24 @@ def test_unknown_yaml_key_is_named(tmp_path):
     (tmp_path / "c.yaml").write_text("clients: 2\nclinets: 3\n")
     with pytest.raises(ConfigError, match="clinets"):
         RunConfig.load(tmp_path / "c.yaml")
+
+
+def test_label_strategy_is_checked_and_reaches_the_attack():
+    from attacks.dlg import DLG
+
+    with pytest.raises(ConfigError, match="valid: default, optimise, idlg"):
+        RunConfig(label_strategy="guess").validate(ATTACKS, DEFENSES)
+    attack = DLG.from_config(RunConfig(label_strategy="idlg"))
+    assert attack.label_strategy == "idlg"
+    assert DLG.from_config(RunConfig(label_strategy="optimise")).label_strategy is None
+
+
+def test_an_attack_without_label_strategies_refuses_one():
+    from attacks.base import Attack
+
+    class Blind(Attack):
+        def reconstruct(self, observation, task):
+            raise NotImplementedError
+
+    with pytest.raises(ConfigError, match="takes no label strategy"):
+        Blind.from_config(RunConfig(attack="blind", label_strategy="llg"))
