@@ -55,6 +55,13 @@ class Attack(ABC):
         """Rebuild the client's batch from its update."""
 
 
+def observed(observation: Observation, task: Task) -> tuple[dict, dict]:
+    """The observed update as a gradient, and the global parameters, on the task's device."""
+    device = task.device
+    return ({n: g.to(device) for n, g in observation.gradient().items()},
+            {n: p.to(device) for n, p in observation.global_params.items()})
+
+
 def strategy_labels(strategy: str, observation: Observation, task: Task) -> torch.Tensor:
     """Labels from a named label-recovery strategy (`attacks.labels.recover_labels`), imported
     only when an attack asks for one. Raises `attacks.labels.LabelStrategyError` (a ValueError)

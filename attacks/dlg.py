@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from attacks.base import Attack, Reconstruction, strategy_labels
+from attacks.base import Attack, Reconstruction, observed, strategy_labels
 from attacks.objectives import l2_distance
 from fedsim.observation import Observation
 from fedsim.task import Task
@@ -48,8 +48,7 @@ class DLG(Attack):
     def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:
         start = time.perf_counter()
         device = task.device
-        target = {n: g.to(device) for n, g in observation.gradient().items()}
-        params = {n: p.to(device) for n, p in observation.global_params.items()}
+        target, params = observed(observation, task)
         shape = (observation.batch_size, *task.image_shape)
         gen = torch.Generator().manual_seed(self.seed)
         fixed = None

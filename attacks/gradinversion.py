@@ -23,9 +23,9 @@ seeds: each seed's images are registered to the reference seed's (the seed with 
 objective) by the integer translation (circular shift within +-`max_shift` pixels) with the
 lowest MSE, matched to them by a Hungarian assignment on that MSE (the batch order of a seed
 is arbitrary when labels are optimised or repeated), and the registered images are averaged.
-Each seed is then pulled towards the consensus shifted back into its own frame. The term is off until the first consensus. The
-result is the consensus (in the reference seed's frame); without group consistency, the seed
-with the lowest gradient loss.
+Each seed is then pulled towards the consensus shifted back into its own frame. The term is
+off until the first consensus. The result is the consensus (in the reference seed's frame);
+without group consistency, the seed with the lowest gradient loss.
 
 Defaults follow breaching's reading of the paper (config seethroughgradients.yaml, notes
 section 2): Adam lr 0.1, 20,000 iterations, cosine decay with 50 warm-up steps, L2 gradient
@@ -56,10 +56,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from attacks.base import Attack, Reconstruction
+from attacks.base import Attack, Reconstruction, observed
 from attacks.ig import resolve_labels
 from attacks.objectives import l2_distance
-from attacks.optim import UNIT_BOX, adam_loop, per_restart, to_pixels
+from attacks.optim import UNIT_BOX, adam_loop, init_dummies, per_restart, to_pixels
 from attacks.priors import BatchNormStatistics, group_consistency, l2_prior, total_variation
 from fedsim.observation import Observation
 from fedsim.task import Task
@@ -86,17 +86,10 @@ class GradInversion(Attack):
 
     def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:
         start = time.perf_counter()
-        device = task.device
-        target = {n: g.to(device) for n, g in observation.gradient().items()}
-        params = {n: p.to(device) for n, p in observation.global_params.items()}
-        seeds, b = self.restarts, observation.batch_size
-        gen = torch.Generator().manual_seed(self.seed)
+        target, params = observed(observation, task)
         fixed, source = resolve_labels(self.label_strategy, observation, task)
-        units = torch.randn(seeds, b, *task.image_shape, generator=gen).to(device).requires_grad_(True)
-        if fixed is None:
-            labels = torch.randn(seeds, b, task.num_classes, generator=gen).to(device).requires_grad_(True)
-        else:
-            labels = fixed.to(device).expand(seeds, b)
+        gen = torch.Generator().manual_seed(self.seed)
+        units, labels = init_dummies(self.restarts, observation.batch_size, task, fixed, gen)
         use_bn = self.bn_prior if self.bn_prior is not None else has_batchnorm(task.model)
         stats = BatchNormStatistics(task.model, self.first_bn_multiplier) if use_bn else None
         vectorise = getattr(task.model, "supports_vmap", True)
@@ -125,7 +118,7 @@ class GradInversion(Attack):
 
         def step(it):
             losses = per_restart(objective, units, labels, group["targets"], vectorise=vectorise)
-            if self.group_consistency and seeds > 1 and (it + 1) % self.group_every == 0:
+            if self.group_consistency and self.restarts > 1 and (it + 1) % self.group_every == 0:
                 # the next iterations pull towards a consensus of the current candidates
                 ref = int(torch.nan_to_num(losses.detach(), nan=float("inf")).argmin())
                 group["consensus"], group["targets"] = consensus(units.detach(), ref, max_shift)
@@ -139,7 +132,7 @@ class GradInversion(Attack):
         units, labels = units.detach(), labels.detach()
         scores = per_restart(gradient_loss, units, labels, vectorise=vectorise)
         best = int(torch.nan_to_num(scores, nan=float("inf")).argmin())
-        if self.group_consistency and seeds > 1:
+        if self.group_consistency and self.restarts > 1:
             ref = best
             result, _ = consensus(units, ref, max_shift)
             out_loss = float(gradient_loss(result, labels[ref]))

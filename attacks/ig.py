@@ -34,9 +34,9 @@ import time
 
 import torch
 
-from attacks.base import Attack, Reconstruction, strategy_labels
+from attacks.base import Attack, Reconstruction, observed, strategy_labels
 from attacks.objectives import cosine_distance
-from attacks.optim import UNIT_BOX, adam_loop, per_restart, to_pixels
+from attacks.optim import UNIT_BOX, adam_loop, init_dummies, per_restart, to_pixels
 from attacks.priors import total_variation
 from fedsim.observation import Observation
 from fedsim.task import Task
@@ -54,17 +54,10 @@ class InvertingGradients(Attack):
 
     def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:
         start = time.perf_counter()
-        device = task.device
-        target = {n: g.to(device) for n, g in observation.gradient().items()}
-        params = {n: p.to(device) for n, p in observation.global_params.items()}
-        r, b = self.restarts, observation.batch_size
-        gen = torch.Generator().manual_seed(self.seed)
+        target, params = observed(observation, task)
         fixed, source = resolve_labels(self.label_strategy, observation, task)
-        units = torch.randn(r, b, *task.image_shape, generator=gen).to(device).requires_grad_(True)
-        if fixed is None:
-            labels = torch.randn(r, b, task.num_classes, generator=gen).to(device).requires_grad_(True)
-        else:
-            labels = fixed.to(device).expand(r, b)
+        gen = torch.Generator().manual_seed(self.seed)
+        units, labels = init_dummies(self.restarts, observation.batch_size, task, fixed, gen)
         vectorise = getattr(task.model, "supports_vmap", True)
 
         def gradient_loss(u, y):

@@ -99,3 +99,16 @@ UNIT_BOX = ((0 - PIXEL_MEAN) / PIXEL_STD, (1 - PIXEL_MEAN) / PIXEL_STD)
 
 def to_pixels(units: torch.Tensor) -> torch.Tensor:
     return PIXEL_MEAN + PIXEL_STD * units
+
+
+def init_dummies(restarts: int, batch: int, task, fixed: torch.Tensor | None, gen: torch.Generator):
+    """Seeded starting points for `restarts` independent reconstructions of a batch: unbounded
+    image units [R, B, C, H, W] (see `to_pixels`) and, unless labels are fixed, soft-label
+    logits [R, B, classes]; fixed labels are broadcast to [R, B]."""
+    device = task.device
+    units = torch.randn(restarts, batch, *task.image_shape, generator=gen).to(device).requires_grad_(True)
+    if fixed is None:
+        labels = torch.randn(restarts, batch, task.num_classes, generator=gen).to(device).requires_grad_(True)
+    else:
+        labels = fixed.to(device).expand(restarts, batch)
+    return units, labels

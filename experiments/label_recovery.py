@@ -42,8 +42,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from attacks.labels import (LabelStrategyError, last_linear_layer, layer_gradient, recover_labels, round_counts,
-                            solve_counts)
+from attacks.labels import (
+    LabelStrategyError,
+    last_linear_layer,
+    layer_gradient,
+    recover_labels,
+    round_counts,
+    solve_counts,
+)
 from defenses.base import Defense
 from fedsim.config import CLASSIC_MODELS, RunConfig
 from fedsim.data import federated_data

@@ -8,8 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.labels import (STRATEGIES, LabelStrategyError, gradinversion, idlg, ilrg, ilrg_counts,
-                            last_linear_layer, llg, recover_labels)
+from attacks.labels import (
+    STRATEGIES,
+    LabelStrategyError,
+    gradinversion,
+    idlg,
+    ilrg,
+    ilrg_counts,
+    last_linear_layer,
+    llg,
+    recover_labels,
+)
 from fedsim.config import RunConfig
 from fedsim.data import federated_data
 from fedsim.evaluate import label_accuracy
