@@ -46,7 +46,7 @@ def test_peft_method_trains_only_its_parameters(peft):
     assert set(grads) == set(params) and all(torch.isfinite(g).all() for g in grads.values())
     per = task.per_example_gradients(shifted, images, labels)
     for n in grads:
-        torch.testing.assert_close(per[n].mean(0), grads[n], rtol=1e-3, atol=1e-5)
+        torch.testing.assert_close(per[n].mean(0), grads[n], rtol=1e-3, atol=5e-5)  # float32 sums
 
     dummy = torch.rand_like(images, requires_grad=True)
     second = task.gradients(shifted, dummy, labels, create_graph=True)
