@@ -159,7 +159,8 @@ def main() -> None:
                 recon = make_attack(args.part, iterations, r, args.seed, args.tv, args.lr).reconstruct(obs, task)
                 seconds = time.perf_counter() - start
                 metrics, order = evaluate(recon.images, recon.labels, truth, labels)
-                rows.append({"setting": setting, "attack": args.part, "model": model, **({"tv": args.tv, "lr": args.lr} if args.part == "ig" else {}),
+                weights = {"tv": args.tv, "lr": args.lr} if args.part == "ig" else {}
+                rows.append({"setting": setting, "attack": args.part, "model": model, **weights,
                              "restarts": r, "iterations": iterations,
                              "dataset": dataset, "client": obs.client, "label": int(labels[0]),
                              "predicted": int(recon.labels[0]), **metrics,
