@@ -14,8 +14,8 @@ global average (as in Geiping et al.'s ConvNet). These models are not fedsim mod
 gradient comes from `Task.gradients` (what a FedSGD client without defense sends), not
 through `client_update`; `--tv` and `--lr` change IG's weights.
 
-Writes results.csv (one row per image and setting), grid_<setting>.png (true images on top,
-reconstructions below) and psnr.png (PSNR per image for every setting, medians marked), and
+Writes results.csv (one row per image and setting), grid_<setting>_<dataset>.png (true images
+on top, reconstructions below, each dataset's class names) and psnr.png (PSNR per image for every setting, medians marked), and
 prints medians and the cost per iteration. Runs on one CPU thread.
 
     PYTHONPATH=. .venv/bin/python experiments/classic_attacks.py --part dlg --out runs/classic_dlg
@@ -166,7 +166,7 @@ def main() -> None:
                              "predicted": int(recon.labels[0]), **metrics,
                              "gradient_loss": recon.extras["gradient_loss"], "seconds": seconds,
                              "ms_per_iteration": 1000 * seconds / iterations})
-                pair = grids.setdefault(setting, ([], [], names))
+                pair = grids.setdefault((setting, dataset), ([], [], names))
                 pair[0].append((truth, labels))
                 pair[1].append((recon.images[order], recon.labels[order]))
                 print(f"{setting} {dataset} {obs.client}: PSNR {metrics['psnr']:.2f} dB, label "
@@ -174,10 +174,10 @@ def main() -> None:
                 pd.DataFrame(rows).to_csv(out / "results.csv", index=False)  # partial results survive a kill
 
     results = pd.DataFrame(rows)
-    for setting, (true_row, recon_row, names) in grids.items():
+    for (setting, dataset), (true_row, recon_row, names) in grids.items():
         cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
-        save_grid(out / f"grid_{setting.replace(' ', '_').replace('=', '')}.png", [cat(true_row), cat(recon_row)],
-                  names)
+        name = f"grid_{setting.replace(' ', '_').replace('=', '')}_{dataset}.png"
+        save_grid(out / name, [cat(true_row), cat(recon_row)], names)
     plot(results, out / "psnr.png", TARGETS[args.part])
     for setting, g in results.groupby("setting", sort=False):
         print(f"{setting}: median PSNR {g['psnr'].median():.2f} dB over {len(g)} images "
