@@ -14,7 +14,8 @@ global average (as in Geiping et al.'s ConvNet). These models are not fedsim mod
 gradient comes from `Task.gradients` (what a FedSGD client without defense sends), not
 through `client_update`; `--tv` and `--lr` change IG's weights.
 
-Writes results.csv (one row per image and setting), grid_<setting>_<dataset>.png (true images
+Writes results.csv (one row per image and setting; grey_psnr is the PSNR of a uniform grey
+image, the floor a reconstruction must beat), grid_<setting>_<dataset>.png (true images
 on top, reconstructions below, each dataset's class names) and psnr.png (PSNR per image for every setting, medians marked), and
 prints medians and the cost per iteration. Runs on one CPU thread.
 
@@ -164,6 +165,7 @@ def main() -> None:
                              "restarts": r, "iterations": iterations,
                              "dataset": dataset, "client": obs.client, "label": int(labels[0]),
                              "predicted": int(recon.labels[0]), **metrics,
+                             "grey_psnr": evaluate(torch.full_like(truth, 0.5), labels, truth, labels)[0]["psnr"],
                              "gradient_loss": recon.extras["gradient_loss"], "seconds": seconds,
                              "ms_per_iteration": 1000 * seconds / iterations})
                 pair = grids.setdefault((setting, dataset), ([], [], names))
@@ -183,7 +185,7 @@ def main() -> None:
         print(f"{setting}: median PSNR {g['psnr'].median():.2f} dB over {len(g)} images "
               f"(digits {g[g.dataset == 'digits']['psnr'].median():.2f}, photos "
               f"{g[g.dataset == 'photos']['psnr'].median():.2f}; min {g['psnr'].min():.1f}, max "
-              f"{g['psnr'].max():.1f}); label accuracy {g['label_acc'].mean():.0%}; "
+              f"{g['psnr'].max():.1f}; grey image {g['grey_psnr'].median():.2f}); label accuracy {g['label_acc'].mean():.0%}; "
               f"{g['ms_per_iteration'].median():.1f} ms/iteration; target {TARGETS[args.part]:.0f} dB")
     print(f"wrote {out}")
 
