@@ -15,9 +15,9 @@ gradient comes from `Task.gradients` (what a FedSGD client without defense sends
 through `client_update`; `--tv` and `--lr` change IG's weights.
 
 Writes results.csv (one row per image and setting; grey_psnr is the PSNR of a uniform grey
-image, the floor a reconstruction must beat), grid_<setting>_<dataset>.png (true images
-on top, reconstructions below, each dataset's class names) and psnr.png (PSNR per image for every setting, medians marked), and
-prints medians and the cost per iteration. Runs on one CPU thread.
+image, the floor a reconstruction must beat), grid_<setting>_<dataset>.png (true images on
+top, reconstructions below, each dataset's class names) and psnr.png (PSNR per image for
+every setting, medians marked), and prints medians and the cost per iteration. Runs on one CPU thread.
 
     PYTHONPATH=. .venv/bin/python experiments/classic_attacks.py --part dlg --out runs/classic_dlg
     PYTHONPATH=. .venv/bin/python experiments/classic_attacks.py --part ig --restarts 1 \\
@@ -185,7 +185,8 @@ def main() -> None:
         print(f"{setting}: median PSNR {g['psnr'].median():.2f} dB over {len(g)} images "
               f"(digits {g[g.dataset == 'digits']['psnr'].median():.2f}, photos "
               f"{g[g.dataset == 'photos']['psnr'].median():.2f}; min {g['psnr'].min():.1f}, max "
-              f"{g['psnr'].max():.1f}; grey image {g['grey_psnr'].median():.2f}); label accuracy {g['label_acc'].mean():.0%}; "
+              f"{g['psnr'].max():.1f}; grey image {g['grey_psnr'].median():.2f}); label accuracy "
+              f"{g['label_acc'].mean():.0%}; "
               f"{g['ms_per_iteration'].median():.1f} ms/iteration; target {TARGETS[args.part]:.0f} dB")
     print(f"wrote {out}")
 
