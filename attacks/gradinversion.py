@@ -23,9 +23,9 @@ seeds: each seed's images are registered to the reference seed's (the seed with 
 objective) by the integer translation (circular shift within +-`max_shift` pixels) with the
 lowest MSE, matched to them by a Hungarian assignment on that MSE (the batch order of a seed
 is arbitrary when labels are optimised or repeated), and the registered images are averaged.
-Each seed is then pulled towards the consensus shifted back into its own frame. The term is off until the first consensus. The
-result is the consensus (in the reference seed's frame); without group consistency, the seed
-with the lowest gradient loss.
+Each seed is then pulled towards the consensus shifted back into its own frame. The term is
+off until the first consensus. The result is the consensus (in the reference seed's frame);
+without group consistency, the seed with the lowest gradient loss.
 
 Defaults follow breaching's reading of the paper (config seethroughgradients.yaml, notes
 section 2): Adam lr 0.1, 20,000 iterations, cosine decay with 50 warm-up steps, L2 gradient
