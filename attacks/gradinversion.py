@@ -93,7 +93,7 @@ class GradInversion(Attack):
         use_bn = self.bn_prior if self.bn_prior is not None else has_batchnorm(task.model)
         stats = BatchNormStatistics(task.model, self.first_bn_multiplier) if use_bn else None
         vectorise = getattr(task.model, "supports_vmap", True)
-        group = {"weight": 0.0, "targets": torch.zeros_like(units), "consensus": None}
+        group = {"weight": 0.0, "targets": torch.zeros_like(units)}  # the term is off until a consensus exists
         max_shift = self.max_shift if self.max_shift is not None else task.image_shape[-1] // 8
 
         def targets_of(y):
@@ -121,7 +121,7 @@ class GradInversion(Attack):
             if self.group_consistency and self.restarts > 1 and (it + 1) % self.group_every == 0:
                 # the next iterations pull towards a consensus of the current candidates
                 ref = int(torch.nan_to_num(losses.detach(), nan=float("inf")).argmin())
-                group["consensus"], group["targets"] = consensus(units.detach(), ref, max_shift)
+                _, group["targets"] = consensus(units.detach(), ref, max_shift)
                 group["weight"] = self.group
             return losses
 

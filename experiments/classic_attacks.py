@@ -8,14 +8,16 @@ half photo crops (`--dataset photos`). Settings (`--part`):
 - ig: Inverting Gradients on fedsim's ConvNet (random init, global average pooling), labels by
   iDLG's rule, once per value of --restarts. Target: median PSNR >= 18 dB over 20 images at
   2,000 iterations; R = 8 restarts not worse than R = 1.
-- ig-flat (diagnostic, not an issue number): the same attack on a ConvNet whose classifier
-  reads the flattened 8x8 feature map instead of its global average. The model is not a fedsim
-  model, so its gradient comes from `Task.gradients` (what a FedSGD client without defense
-  sends), not through `client_update`.
+Diagnostics for ig (not issue numbers): `--width W` (fedsim's ConvNet has 32) and
+`--head flat`, a ConvNet whose classifier reads the flattened 8x8 feature map instead of its
+global average (as in Geiping et al.'s ConvNet). These models are not fedsim models, so their
+gradient comes from `Task.gradients` (what a FedSGD client without defense sends), not
+through `client_update`; `--tv` and `--lr` change IG's weights.
 
-Writes results.csv (one row per image and setting), grid_<setting>.png (true images on top,
-reconstructions below) and psnr.png (PSNR per image for every setting, medians marked), and
-prints medians and the cost per iteration. Runs on one CPU thread.
+Writes results.csv (one row per image and setting; grey_psnr is the PSNR of a uniform grey
+image, the floor a reconstruction must beat), grid_<setting>_<dataset>.png (true images on
+top, reconstructions below, each dataset's class names) and psnr.png (PSNR per image for
+every setting, medians marked), and prints medians and the cost per iteration. Runs on one CPU thread.
 
     PYTHONPATH=. .venv/bin/python experiments/classic_attacks.py --part dlg --out runs/classic_dlg
     PYTHONPATH=. .venv/bin/python experiments/classic_attacks.py --part ig --restarts 1 \\
@@ -57,8 +59,8 @@ from fedsim.observation import Observation  # noqa: E402
 from fedsim.report import save_grid  # noqa: E402
 from fedsim.task import Task  # noqa: E402
 
-TARGETS = {"dlg": 30.0, "ig": 18.0, "ig-flat": 18.0}
-MODELS = {"dlg": "lenet", "ig": "convnet", "ig-flat": "convnet"}
+TARGETS = {"dlg": 30.0, "ig": 18.0}
+MODELS = {"dlg": "lenet", "ig": "convnet"}
 
 
 def ensure_label_rule() -> str:
@@ -83,31 +85,33 @@ def ensure_label_rule() -> str:
     return "stand-in (iDLG rule)"
 
 
-def flat_convnet(num_classes: int, seed: int) -> nn.Module:
-    """fedsim's ConvNet with the global average pooling removed: the classifier sees the whole
-    [4w, 8, 8] feature map, as in Geiping et al.'s ConvNet."""
+def convnet_variant(num_classes: int, seed: int, width: int, head: str) -> nn.Module:
+    """fedsim's ConvNet at another width, or with the global average pooling removed so that
+    the classifier sees the whole [4w, 8, 8] feature map (head "flat")."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = ConvNet(num_classes)
-        model.features[-1] = nn.Identity()
-        model.fc = nn.Linear(model.fc.in_features * 8 * 8, num_classes)
+        model = ConvNet(num_classes, width=width)
+        if head == "flat":
+            model.features[-1] = nn.Identity()
+            model.fc = nn.Linear(model.fc.in_features * 8 * 8, num_classes)
     return model.eval()
 
 
-def observations(part: str, dataset: str, images: int, seed: int):
+def observations(part: str, dataset: str, images: int, seed: int, width: int = 32, head: str = "avg"):
     """(observation, task, true images, true labels, class names) for each client."""
     cfg = RunConfig(clients=images, model=MODELS[part], peft="full", dataset=dataset, image_size=32, seed=seed)
     data = federated_data(cfg)
     spec = model_spec(cfg, data.private.class_names)
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    if part == "ig-flat":
-        task = Task(flat_convnet(len(data.private.class_names), spec["model_seed"]), len(spec["class_names"]),
-                    (3, 32, 32))
+    variant = part == "ig" and (width != 32 or head != "avg")
+    if variant:
+        model = convnet_variant(len(spec["class_names"]), spec["model_seed"], width, head)
+        task = Task(model, len(spec["class_names"]), (3, 32, 32))
     else:
         task = build_task(spec)
     for client in range(images):
         truth, labels = data.client_batch(cfg, 1, client)
-        if part == "ig-flat":
+        if variant:
             update, n = task.gradients(task.trainable(), truth, labels), len(labels)
         else:
             update, n = client_update(cfg_json, client, 1, task.trainable())
@@ -123,13 +127,16 @@ def make_attack(part: str, iterations: int, restarts: int, seed: int, tv: float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="dlg", choices=["dlg", "ig", "ig-flat"])
+    parser.add_argument("--part", default="dlg", choices=["dlg", "ig"])
     parser.add_argument("--images-per-dataset", type=int, default=10)
     parser.add_argument("--datasets", nargs="+", default=["digits", "photos"])
     parser.add_argument("--iterations", type=int, default=None, help="default: dlg 100, ig 2000")
     parser.add_argument("--restarts", type=int, nargs="+", default=None, help="default: dlg 1, ig 1 8")
     parser.add_argument("--tv", type=float, default=1e-4, help="IG's TV weight (paper recipe: 1e-4)")
     parser.add_argument("--lr", type=float, default=0.1, help="IG's Adam learning rate (normalised units)")
+    parser.add_argument("--width", type=int, default=32, help="ig diagnostic: ConvNet width (fedsim: 32)")
+    parser.add_argument("--head", default="avg", choices=["avg", "flat"],
+                        help="ig diagnostic: flat = classifier on the flattened feature map")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/classic_attacks")
     args = parser.parse_args()
@@ -139,23 +146,29 @@ def main() -> None:
     labels_from = ensure_label_rule() if args.part != "dlg" else "optimised (DLG)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    print(f"{args.part}: {iterations} iterations, restarts {restarts}, labels {labels_from}", flush=True)
+    model = MODELS[args.part] if args.part == "dlg" else f"convnet width {args.width} head {args.head}"
+    print(f"{args.part} on {model}: {iterations} iterations, restarts {restarts}, labels {labels_from}"
+          + (f", tv {args.tv}, lr {args.lr}" if args.part == "ig" else ""), flush=True)
 
     rows, grids = [], {}
     for dataset in args.datasets:
-        for obs, task, truth, labels, names in observations(args.part, dataset, args.images_per_dataset, args.seed):
+        for obs, task, truth, labels, names in observations(args.part, dataset, args.images_per_dataset, args.seed,
+                                                            args.width, args.head):
             for r in restarts:
                 setting = f"{args.part} R={r}"
                 start = time.perf_counter()
                 recon = make_attack(args.part, iterations, r, args.seed, args.tv, args.lr).reconstruct(obs, task)
                 seconds = time.perf_counter() - start
                 metrics, order = evaluate(recon.images, recon.labels, truth, labels)
-                rows.append({"setting": setting, "attack": args.part, "restarts": r, "iterations": iterations,
+                weights = {"tv": args.tv, "lr": args.lr} if args.part == "ig" else {}
+                rows.append({"setting": setting, "attack": args.part, "model": model, **weights,
+                             "restarts": r, "iterations": iterations,
                              "dataset": dataset, "client": obs.client, "label": int(labels[0]),
                              "predicted": int(recon.labels[0]), **metrics,
+                             "grey_psnr": evaluate(torch.full_like(truth, 0.5), labels, truth, labels)[0]["psnr"],
                              "gradient_loss": recon.extras["gradient_loss"], "seconds": seconds,
                              "ms_per_iteration": 1000 * seconds / iterations})
-                pair = grids.setdefault(setting, ([], [], names))
+                pair = grids.setdefault((setting, dataset), ([], [], names))
                 pair[0].append((truth, labels))
                 pair[1].append((recon.images[order], recon.labels[order]))
                 print(f"{setting} {dataset} {obs.client}: PSNR {metrics['psnr']:.2f} dB, label "
@@ -163,16 +176,17 @@ def main() -> None:
                 pd.DataFrame(rows).to_csv(out / "results.csv", index=False)  # partial results survive a kill
 
     results = pd.DataFrame(rows)
-    for setting, (true_row, recon_row, names) in grids.items():
+    for (setting, dataset), (true_row, recon_row, names) in grids.items():
         cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
-        save_grid(out / f"grid_{setting.replace(' ', '_').replace('=', '')}.png", [cat(true_row), cat(recon_row)],
-                  names)
+        name = f"grid_{setting.replace(' ', '_').replace('=', '')}_{dataset}.png"
+        save_grid(out / name, [cat(true_row), cat(recon_row)], names)
     plot(results, out / "psnr.png", TARGETS[args.part])
     for setting, g in results.groupby("setting", sort=False):
         print(f"{setting}: median PSNR {g['psnr'].median():.2f} dB over {len(g)} images "
               f"(digits {g[g.dataset == 'digits']['psnr'].median():.2f}, photos "
               f"{g[g.dataset == 'photos']['psnr'].median():.2f}; min {g['psnr'].min():.1f}, max "
-              f"{g['psnr'].max():.1f}); label accuracy {g['label_acc'].mean():.0%}; "
+              f"{g['psnr'].max():.1f}; grey image {g['grey_psnr'].median():.2f}); label accuracy "
+              f"{g['label_acc'].mean():.0%}; "
               f"{g['ms_per_iteration'].median():.1f} ms/iteration; target {TARGETS[args.part]:.0f} dB")
     print(f"wrote {out}")
 
