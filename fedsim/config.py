@@ -23,6 +23,7 @@ CLIP_PEFT = ("coop", "adapter", "text-adapter", "double-adapter", "lora", "vpt",
 DEVICES = ("auto", "cpu", "cuda")
 PROTOCOLS = ("fedsgd", "fedavg")
 LABEL_STRATEGIES = ("idlg", "gradinversion", "llg", "ilrg")
+MIP_PRIORS = ("ridge", "conv", "tv")  # attacks.decoders.PRIORS; config imports no attack code
 ENGINES = ("ray", "inprocess")
 
 
@@ -74,8 +75,11 @@ class RunConfig:
     local_steps: int = option(1, "fedavg: SGD steps on the round's batch")
     local_epochs: int = option(0, "fedavg: if > 0, passes over all the client's data instead of local steps")
     fraction: float = option(1.0, "share of clients sampled each round")
-    attack: str = option("dlg", "attack run by the curious server on every client update; none to skip")
-    attack_iters: int = option(10, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 iterations each)")
+    attack: str = option("mip", "attack run by the curious server on every client update; none to skip")
+    attack_iters: int = option(10, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 "
+                               "iterations each; MIP: refinement steps of the image-encoder inversion)")
+    mip_prior: str = option("ridge", "mip: image prior: ridge (kernel ridge) or conv (decoders learned on the "
+                            "public split, cached) or tv (total variation from the public mean image)")
     label_strategy: str = option("default", "how the attack gets labels: default (the attack's own), "
                                  "optimise (soft labels, DLG-style), or a rule: " + ", ".join(LABEL_STRATEGIES))
     attack_restarts: int = option(1, "independent restarts; the one that matches the gradient best is kept")
@@ -102,6 +106,7 @@ class RunConfig:
         self._validate_model()
         _choice("attack", self.attack, ["none", *attacks])
         _choice("label-strategy", self.label_strategy, ("default", "optimise", *LABEL_STRATEGIES))
+        _choice("mip-prior", self.mip_prior, MIP_PRIORS)
         _choice("defense", self.defense, ["none", *defenses])
         _choice("device", self.device, DEVICES)
         _choice("engine", self.engine, ENGINES)

@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedsim.config import RunConfig
 from fedsim.data import FederatedData, federated_data
-from fedsim.evaluate import evaluate, lpips_metric
+from fedsim.evaluate import embedding_similarity, evaluate, lpips_metric
 from fedsim.flower import clients_per_round, make_client_app, make_server_app, quiet_flower
 from fedsim.models import build_task, model_spec, resolve_device
 from fedsim.observation import Observation
@@ -117,7 +117,12 @@ class AttackPipeline:
             save_grid(self.out / "reconstructions" / f"{tag}.png",
                       [(true_images, true_labels), (recon.images[order], recon.labels[order])],
                       self.data.private.class_names)
-            result = {**metrics, "gradient_loss": recon.extras.get("gradient_loss"), "status": "ok"}
+            if "embeddings" in recon.extras:  # MIP: how close the recovered embeddings came
+                params = {n: t.to(self.task.device) for n, t in obs.global_params.items()}
+                metrics.update(embedding_similarity(self.task, params, recon.extras["embeddings"][order],
+                                                    true_images, self.gallery))
+            result = {**metrics, "gradient_loss": recon.extras.get("gradient_loss"),
+                      "prior": recon.extras.get("prior"), "status": "ok"}
         except Exception as exc:  # one failed attack must not lose the run: record it and go on
             with (self.out / "errors.log").open("a") as log:
                 log.write(f"{tag}\n{traceback.format_exc()}\n")

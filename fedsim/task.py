@@ -53,6 +53,21 @@ class Task:
         (soft labels, as DLG optimises them)."""
         return F.cross_entropy(self.logits(params, images), targets)
 
+    def head_loss(self, params: Params, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The same loss entered after CLIP's image tower: `features` [B, D] are the tower's
+        outputs (CLIP models only; see `fedsim.models.peft`)."""
+        return F.cross_entropy(functional_call(self.model, params, (), {"features": features}), targets)
+
+    def text_features(self, params: Params) -> torch.Tensor:
+        """The unit-norm class text features [C, D] under `params` (CLIP models only)."""
+        return functional_call(self.model, params, (), {"output": "text"})
+
+    def embeddings(self, params: Params, images: torch.Tensor | None = None,
+                   features: torch.Tensor | None = None) -> torch.Tensor:
+        """The unit-norm image embeddings [B, D] the logits use, of images or of image-tower
+        outputs (CLIP models only)."""
+        return functional_call(self.model, params, (images,), {"features": features, "output": "embedding"})
+
     def gradients(self, params: Params, images: torch.Tensor, targets: torch.Tensor,
                   create_graph: bool = False) -> Params:
         """d loss / d params. With `create_graph` the result can itself be differentiated

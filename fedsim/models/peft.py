@@ -4,6 +4,11 @@ Every method is a `CLIPClassifier`: logits = exp(logit_scale) * cos(image featur
 feature), with images in [0, 1] (CLIP's normalisation happens inside). A method changes how the
 image features and/or the class text features are computed, and owns the only parameters that
 require gradients. Text features that no trainable parameter can reach are computed once.
+
+The image side is split in two: `encode_image` (CLIP's image tower) and `image_head` (whatever
+a method puts on top of its output, e.g. an adapter). `forward(features=...)` starts after the
+tower, and `forward(text=True)` returns the class text features; both exist so that attacks can
+differentiate through exactly the client's computation (via the Task) without the tower.
 """
 
 from __future__ import annotations
@@ -34,18 +39,24 @@ class CLIPClassifier(nn.Module):
         self._frozen_text = None
 
     # -- the two halves -------------------------------------------------------------------
-    def base_image_features(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's output (unnormalised) for images in [0, 1]."""
         size = self.clip.visual.image_size
         size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
         if tuple(images.shape[-2:]) != size:  # e.g. 32 px data into a 224 px ViT-B-32
             images = F.interpolate(images, size=size, mode="bilinear", align_corners=False)
         return self.clip.encode_image((images - self.mean) / self.std)
 
+    def image_head(self, features: torch.Tensor) -> torch.Tensor:
+        """What the method applies to the tower's output before normalisation (identity here)."""
+        return features
+
     def base_text_features(self) -> torch.Tensor:
         return self.clip.encode_text(self.prompt_tokens)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.base_image_features(images), dim=-1)
+        """The unit-norm image embedding the logits use."""
+        return F.normalize(self.image_head(self.encode_image(images)), dim=-1)
 
     def text_features(self) -> torch.Tensor:
         if self.text_is_trainable:
@@ -55,8 +66,32 @@ class CLIPClassifier(nn.Module):
                 self._frozen_text = F.normalize(self.base_text_features(), dim=-1)
         return self._frozen_text
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.clip.logit_scale.exp() * self.image_features(images) @ self.text_features().T
+    def forward(self, images: torch.Tensor | None = None, *, features: torch.Tensor | None = None,
+                output: str = "logits") -> torch.Tensor:
+        """Class logits of images, or of the image tower's outputs `features`. `output` =
+        "embedding" stops at the unit-norm image embedding; "text" returns the unit-norm class
+        text features (no images needed)."""
+        if output == "text":
+            return self.text_features()
+        if features is None:
+            features = self.encode_image(images)
+        embeddings = F.normalize(self.image_head(features), dim=-1)
+        if output == "embedding":
+            return embeddings
+        return self.logits_of(embeddings)
+
+    def logits_of(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return self.logits_with(embeddings, self.text_features())
+
+    def logits_with(self, embeddings: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """CLIP's logits for given unit-norm image embeddings and class text features."""
+        return self.clip.logit_scale.exp() * embeddings @ text.T
+
+    @property
+    def feature_weight(self) -> str | None:
+        """Name of the trainable weight that multiplies the image tower's output directly, if
+        any (its gradient is a sum of outer products with the batch's features)."""
+        return None
 
 
 class CoOp(CLIPClassifier):
@@ -117,14 +152,23 @@ class CLIPAdapter(CLIPClassifier):
         self.image_adapter = Adapter(dim, reduction, ratio) if where in ("image", "double") else None
         self.text_adapter = Adapter(dim, reduction, ratio) if where in ("text", "double") else None
         self.text_is_trainable = self.text_adapter is not None
+        self._clip_text = None
 
-    def base_image_features(self, images):
-        f = super().base_image_features(images)
-        return self.image_adapter(f) if self.image_adapter is not None else f
+    def image_head(self, features):
+        return self.image_adapter(features) if self.image_adapter is not None else features
 
     def base_text_features(self):
-        f = self.clip.encode_text(self.prompt_tokens)
-        return self.text_adapter(f) if self.text_adapter is not None else f
+        if self.text_adapter is None:
+            return super().base_text_features()
+        # No trainable parameter reaches CLIP's own text features: encode the prompts once.
+        if self._clip_text is None or self._clip_text.device != self.prompt_tokens.device:
+            with torch.no_grad():
+                self._clip_text = super().base_text_features()
+        return self.text_adapter(self._clip_text.to(self.text_adapter.fc1.weight.dtype))
+
+    @property
+    def feature_weight(self):
+        return "image_adapter.fc1.weight" if self.image_adapter is not None else None
 
 
 class VisualPrompt(CLIPClassifier):
@@ -161,8 +205,12 @@ class LinearProbe(CLIPClassifier):
             self.head.weight.copy_(zero_shot)
             self.head.bias.zero_()
 
-    def forward(self, images):
-        return self.head(self.image_features(images))
+    def logits_of(self, embeddings):
+        return self.head(embeddings)
+
+    @property
+    def feature_weight(self):
+        return "head.weight"
 
 
 class FullFineTune(CLIPClassifier):

@@ -1,0 +1,224 @@
+"""MIP's inverse gradient estimation: from a CLIP PEFT gradient back to the batch's labels and
+image embeddings, without back-propagating through the text encoder in any loop.
+
+Two routes, by where the trainable parameters sit (see `attacks.mip` for the paper):
+
+Text side (CoOp prompts, text adapter, LoRA on the text tower). The image enters the loss only
+through its unit-norm embedding z_i, and the gradient of the class text features T [C, D] is
+
+    G = dL/dT = (s / B) * sum_i e_i z_i^T,   e_i = softmax(s T z_i) - onehot(y_i),
+
+so the observed gradient is g = J^T vec(G), with J = dT/dtheta the text side's Jacobian at the
+global parameters: the same for every client of a round, computed once (`TextJacobian`).
+G is rank B. We fit it from g by alternating least squares over E [B, C] and Z [B, k], with Z
+in the span of the public split's leading embedding directions when the system would
+otherwise be under-determined (k chosen so that B (C + k) <= P / 2). The labels follow from G:
+at batch 1 the class whose coefficient has the odd sign; at batch B the B classes whose rows
+point most against the public mean embedding (sum_i e_ic z_i . mu is negative for present
+classes, since e_ic < 0 only at the label and z_i . mu > 0). Each z_i starts as -G[y_i]
+(that row is dominated by -(1 - p) z_i) and is refined on the exact model by Levenberg-
+Marquardt, with the labels fixed: min_Z ||J^T vec(G(Z)) - g||^2.
+
+Image head (CLIP-Adapter's first layer, a linear probe). The weight W that multiplies the image
+tower's output f_i has gradient sum_i a_i f_i^T: rank one at batch 1, so f comes back exactly
+(up to sign and scale, which the head ignores: it has no biases before the normalisation, or
+normalises first) from the top right singular vector; sign and label are chosen by the exact
+head's gradient. At batch B, the f_i span the top-B right singular space; their coefficients
+and soft labels are fitted by cosine gradient matching through the head alone (no towers).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch.func import grad, jacfwd, jacrev
+
+from attacks.objectives import cosine_distance
+from fedsim.task import Params, Task
+
+
+class TextJacobian:
+    """J = d vec(T) / d theta for the trainable parameters that reach the class text features,
+    at given global parameters, as a [C, D, P] tensor, plus what is needed to use it."""
+
+    def __init__(self, task: Task, params: Params, names: list[str]):
+        self.names = names
+        flat = torch.cat([params[n].reshape(-1) for n in names]).detach().double()
+        shapes = [params[n].shape for n in names]
+        sizes = [s.numel() for s in shapes]
+        rest = {n: p.detach().double() for n, p in params.items() if n not in names}
+        model = task.model.double()
+        try:
+            def text_of(v: torch.Tensor) -> torch.Tensor:
+                pieces = dict(zip(names, (t.view(s) for t, s in zip(v.split(sizes), shapes))))
+                return task.text_features({**rest, **pieces})
+
+            self.text = text_of(flat).detach()  # [C, D]
+            C, D = self.text.shape
+            jac = jacfwd if flat.numel() <= C * D else jacrev
+            from fedsim.task import _second_order_attention
+
+            with _second_order_attention():
+                self.matrix = jac(text_of)(flat).detach().view(C, D, -1)  # [C, D, P]
+        finally:
+            model.float()
+        self.sizes = sizes
+
+    def apply(self, G: torch.Tensor) -> torch.Tensor:
+        """J^T vec(G): the parameter gradient that a text-feature gradient G [C, D] induces."""
+        return torch.einsum("cd,cdp->p", G, self.matrix)
+
+
+def flat_update(update: Params, names: list[str]) -> torch.Tensor:
+    return torch.cat([update[n].reshape(-1) for n in names]).double()
+
+
+def per_example_atoms(jac: TextJacobian, scale: torch.Tensor, embeddings: torch.Tensor,
+                      chunk: int = 256) -> torch.Tensor:
+    """h(z, c) = J^T vec(dL/dT) for one example with embedding z and label c, for every given
+    embedding [N, D] and every class: [N, C, P]. A batch's gradient is the mean of its atoms."""
+    T = jac.text
+    C = T.shape[0]
+    out = []
+    for Z in embeddings.double().split(chunk):
+        probs = torch.softmax(scale * Z @ T.T, -1)  # [n, C]
+        E = probs[:, None, :] - torch.eye(C, dtype=Z.dtype)[None]  # [n, label, C]
+        out.append(scale * torch.einsum("nlc,nd,cdp->nlp", E, Z, jac.matrix))
+    return torch.cat(out)
+
+
+def pursue(atoms: torch.Tensor, g: torch.Tensor, batch: int) -> list[tuple[int, int]]:
+    """Greedy pursuit: `batch` (candidate, label) atoms whose non-negative combination best
+    explains g; each step takes the atom most aligned with what is still unexplained."""
+    N, C, P = atoms.shape
+    flat = F.normalize(atoms.reshape(N * C, P), dim=1)
+    chosen: list[int] = []
+    residual = g
+    for _ in range(batch):
+        pick = int((flat @ residual).argmax())
+        chosen.append(pick)
+        A = atoms.reshape(N * C, P)[chosen].T  # [P, k]
+        coef = torch.linalg.lstsq(A, g.unsqueeze(1)).solution.clamp_min(0)
+        residual = g - (A @ coef).squeeze(1)
+    return [divmod(i, C) for i in chosen]
+
+
+def refine_text_embeddings(task: Task, jac: TextJacobian, g: torch.Tensor, labels: torch.Tensor,
+                           Z: torch.Tensor, steps: int = 30) -> torch.Tensor:
+    """Levenberg-Marquardt on the exact model: unit-norm Z [B, D] such that the gradient they
+    induce through J matches g, labels fixed."""
+    B = Z.shape[0]
+
+    def residual(Zf: torch.Tensor) -> torch.Tensor:
+        return jac.apply(text_gradient(task, jac, Zf.view(B, -1), labels)) - g
+
+    z = Z.double().reshape(-1).clone()
+    r = residual(z)
+    lam = 1e-3
+    for _ in range(steps):
+        if r.norm() < 1e-7 * g.norm():  # fitted to float32 precision: done
+            break
+        Jr = jacfwd(residual)(z)  # [P, B*D]
+        A = Jr.T @ Jr
+        damping = lam * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype)
+        candidate = z + torch.linalg.solve(A + damping, -Jr.T @ r)
+        r_new = residual(candidate)
+        if r_new.norm() < r.norm():
+            z, r, lam = candidate, r_new, lam / 3
+        else:
+            lam *= 5
+            if lam > 1e6:
+                break
+    return F.normalize(z.view(B, -1), dim=-1)
+
+
+def text_gradient(task: Task, jac: TextJacobian, Z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """dL/dT [C, D] for image embeddings Z [B, D] (normalised here) and labels, the client's
+    loss written through the model's own logits."""
+    z = F.normalize(Z.double(), dim=-1)
+    return grad(lambda text: F.cross_entropy(task.model.logits_with(z, text), labels))(jac.text)
+
+
+def text_side(task: Task, params: Params, update: Params, batch: int, public_embeddings: torch.Tensor,
+              jacobian: TextJacobian | None = None, candidates: int = 8,
+              good_enough: float = 1e-4):
+    """(labels [B], unit-norm embeddings [B, D], diagnostics) from a text-side PEFT gradient."""
+    names = [n for n in update if n in params]
+    jac = jacobian or TextJacobian(task, params, names)
+    g = flat_update(update, names)
+    scale = task.model.clip.logit_scale.exp().double()
+    atoms = per_example_atoms(jac, scale, public_embeddings)
+    pub = public_embeddings.double()
+    best = None
+    if batch == 1:
+        # Every (public embedding, label) pair scored by how well its gradient aligns with g;
+        # the best few are refined on the exact model and the lowest residual wins.
+        scores = F.cosine_similarity(atoms, g.view(1, 1, -1), dim=-1).flatten()
+        starts = [divmod(int(i), atoms.shape[1]) for i in scores.topk(min(candidates, scores.numel())).indices]
+        starts = [[s] for s in starts]
+    else:
+        starts = [pursue(atoms, g, batch)]
+    for picks in starts:
+        labels = torch.tensor([c for _, c in picks])
+        Z = refine_text_embeddings(task, jac, g, labels, pub[[n for n, _ in picks]])
+        residual = float((jac.apply(text_gradient(task, jac, Z, labels)) - g).norm() / g.norm())
+        if best is None or residual < best[0]:
+            best = (residual, labels, Z)
+        if residual < good_enough:  # an exact fit: the other starts cannot do better
+            break
+    residual, labels, Z = best
+    return labels, Z.float(), {"relative_residual": residual}
+
+
+def head_side(task: Task, params: Params, update: Params, batch: int, weight_name: str,
+              iterations: int = 300, restarts: int = 8, generator: torch.Generator | None = None):
+    """(labels [B], image-tower feature directions [B, D], diagnostics) from the gradient of a
+    weight that multiplies the tower's output (CLIP-Adapter's first layer, a linear probe)."""
+    W = update[weight_name].double()
+    _, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    target = {n: g for n, g in update.items()}
+    C = task.num_classes
+    head = grad(task.head_loss)
+    if batch == 1:
+        candidates = []
+        for sign, label in itertools.product((1.0, -1.0), range(C)):
+            f = (sign * Vh[0]).float().view(1, -1)
+            y = torch.tensor([label])
+            candidates.append((float(cosine_distance(head(params, f, y), target)), sign, label))
+        loss, sign, label = min(candidates)
+        return (torch.tensor([label]), (sign * Vh[0]).float().view(1, -1),
+                {"gradient_loss": loss, "rank_gap": float(S[1] / S[0]) if len(S) > 1 else 0.0})
+    return _fit_head_batch(task, params, target, Vh[:batch].float(), batch, iterations, restarts, generator)
+
+
+def _fit_head_batch(task, params, target, span, batch, iterations, restarts, generator):
+    """Features in the observed span and soft labels, fitted by cosine gradient matching
+    through the image head alone; the best of `restarts` seeded starts."""
+    C = task.num_classes
+    best = None
+    for _ in range(restarts):
+        coef = (torch.eye(batch) + 0.5 * torch.randn(batch, batch, generator=generator)).requires_grad_(True)
+        logits = torch.randn(batch, C, generator=generator).requires_grad_(True)
+        opt = torch.optim.Adam([coef, logits], lr=0.05)
+        for _ in range(iterations):
+            opt.zero_grad()
+            loss = _head_match(task, params, target, coef @ span, torch.softmax(logits, -1))
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            labels = logits.argmax(-1)
+            f = coef @ span
+            hard = float(_head_match(task, params, target, f, labels, create_graph=False))
+        if best is None or hard < best[0]:
+            best = (hard, labels.detach(), f.detach())
+    return best[1], best[2], {"gradient_loss": best[0]}
+
+
+def _head_match(task, params, target, features, targets, create_graph=True):
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    with torch.enable_grad():
+        loss = task.head_loss(leaves, features, targets)
+        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
+    return cosine_distance(dict(zip(leaves, grads)), target)

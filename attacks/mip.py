@@ -1,0 +1,159 @@
+"""MIP: CLIP-based image reconstruction from PEFT gradients (Zhou et al. 2024, "MIP: CLIP-based
+Image Reconstruction from PEFT Gradients", arXiv 2403.07901; the method is called
+Multm-In-Parvo).
+
+No code of the paper is public; what it describes, and how each part is realised here:
+1. Label prediction from the PEFT gradient, which simplifies the rest of the objective
+   (`attacks.embeddings`): for text-side PEFT the label comes with the best-fitting embedding;
+   for an image head it is read off the head's gradient.
+2. Inverse gradient estimation, which avoids back-propagating through the text encoder
+   (`attacks.embeddings`): the gradient w.r.t. the class text features is linked to the PEFT
+   gradient by the text side's Jacobian, computed once per round (the same for every client),
+   so the image embeddings are fitted with no text encoder in the loop; for CLIP-Adapter (and a
+   linear probe) the first layer's weight gradient gives the tower's output in closed form.
+3. Image-encoder inversion from the recovered embedding with a strategy chosen by the tower's
+   size (`attacks.encoder_inversion`).
+4. Image priors: TV, and learned decoders the attacker trains on its public split
+   (`attacks.decoders`), whose output is the starting point of step 3 (or the answer, with
+   zero refinement iterations).
+
+Departures, all ours where the paper is silent: the embedding fit (scoring public embeddings
+as starting points, Levenberg-Marquardt on the exact model), the decoders' architecture, the
+tower-size rule. Visual-side PEFT (VPT, LoRA on the image tower, full fine-tuning) changes the
+tower itself, so steps 1-2 do not apply: those updates are attacked by gradient matching
+through the image tower (the Inverting Gradients objective, `attacks.ig`) with joint soft labels.
+Batches larger than one are supported on both routes, but at batch 4 with a pre-trained tiny
+CLIP the CoOp gradient does not pin the labels down (see the MIP experiment's notes).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from attacks.base import Attack, Reconstruction, observed
+from attacks.decoders import PRIORS, fingerprint, learned_prior
+from attacks.embeddings import TextJacobian, head_side, text_side
+from attacks.encoder_inversion import invert_tower
+from fedsim.config import ConfigError
+from fedsim.models.peft import CLIPClassifier
+from fedsim.observation import Observation
+from fedsim.task import Task
+
+ROUTES = ("head", "text", "tower")
+
+
+def route_of(task: Task, names: list[str]) -> str:
+    """Which of MIP's routes an update takes (see the module docstring)."""
+    model = task.model
+    if model.feature_weight in names:
+        return "head"
+    visual = {n for n, p in model.named_parameters() if n.startswith("clip.visual") or "visual_prompt" in n}
+    if model.text_is_trainable and not visual.intersection(names):
+        return "text"
+    return "tower"
+
+
+class MIP(Attack):
+    name = "mip"
+
+    def __init__(self, iterations: int = 100, restarts: int = 1, seed: int = 0, progress=None,
+                 prior: str = "ridge", public_images: torch.Tensor | None = None, tv: float = 1e-2,
+                 lr: float = 0.05, anchor: float = 1.0):
+        super().__init__(iterations, restarts, seed, progress)
+        if prior not in PRIORS:
+            raise ConfigError(f"--mip-prior {prior!r} is not valid; valid: {', '.join(PRIORS)}")
+        self.prior, self.public_images, self.tv, self.lr, self.anchor = prior, public_images, tv, lr, anchor
+        self._decoder = None
+        self._jacobian: tuple[str, TextJacobian] | None = None
+
+    @classmethod
+    def from_config(cls, cfg, progress=None) -> "MIP":
+        from fedsim.data import load_dataset, split_public
+
+        if cfg.label_strategy != "default":
+            raise ConfigError(f"--label-strategy {cfg.label_strategy} does not apply to --attack mip, which "
+                              "reads the labels from the PEFT gradient itself")
+        public = split_public(load_dataset(cfg))[1]
+        return cls(iterations=cfg.attack_iters, restarts=cfg.attack_restarts, seed=cfg.seed, progress=progress,
+                   prior=cfg.mip_prior, public_images=public.images)
+
+    # -- parts -----------------------------------------------------------------------------
+    def encode(self, task: Task):
+        """Images -> unit-norm image-tower outputs (the space decoders and targets live in)."""
+        return lambda images: F.normalize(task.model.encode_image(images.to(task.device)), dim=-1)
+
+    def decoder(self, task: Task):
+        if self._decoder is None:
+            model = task.model
+            with torch.no_grad():
+                dim = model.encode_image(self.public_images[:1].to(task.device)).shape[-1]
+            self._decoder = learned_prior(self.prior, model.clip.visual, self.encode(task),
+                                          self.public_images.to(task.device), dim).to(task.device)
+        return self._decoder
+
+    def jacobian(self, task: Task, params, names) -> TextJacobian:
+        key = fingerprint(*[params[n] for n in names])
+        if self._jacobian is None or self._jacobian[0] != key:
+            self._jacobian = (key, TextJacobian(task, params, names))
+        return self._jacobian[1]
+
+    def recover_embeddings(self, observation: Observation, task: Task):
+        """(labels [B], tower-output directions [B, D], diagnostics), or None on the tower route."""
+        update, params = observed(observation, task)
+        route = route_of(task, list(update))
+        B = observation.batch_size
+        gen = torch.Generator().manual_seed(self.seed)
+        if route == "head":
+            labels, features, info = head_side(task, params, update, B, task.model.feature_weight, generator=gen)
+        elif route == "text":
+            with torch.no_grad():
+                public = torch.cat([task.embeddings(params, x.to(task.device)) for x in self.public_images.split(256)])
+            labels, features, info = text_side(task, params, update, B, public.cpu(),
+                                               jacobian=self.jacobian(task, params, list(update)))
+        else:
+            return None
+        return labels, features.to(task.device), {"route": route, **info}
+
+    def images_from(self, task: Task, features: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Step 3 under the prior: decoder output (or the public mean image), then refinement."""
+        targets = F.normalize(features.float(), dim=-1)
+        if self.prior == "tv":
+            start = self.public_images.mean(0, keepdim=True).expand(len(targets), -1, -1, -1).to(task.device)
+        else:
+            with torch.no_grad():
+                start = self.decoder(task)(targets)
+        if self.iterations == 0:
+            return start, {}
+        gen = torch.Generator().manual_seed(self.seed)
+        images, cos = invert_tower(task.model, targets, start, self.iterations, lr=self.lr, tv=self.tv,
+                                   anchor=self.anchor, restarts=self.restarts, generator=gen, progress=self.progress)
+        return images, {"tower_cos": cos.tolist()}
+
+    # -- the attack ------------------------------------------------------------------------
+    def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:
+        start = time.perf_counter()
+        if not isinstance(task.model, CLIPClassifier):
+            raise ConfigError("--attack mip needs a CLIP model with a PEFT method; for --model lenet, "
+                              "convnet or resnet18 use dlg, idlg, ig or gradinversion")
+        if self.public_images is None:
+            raise ValueError("MIP needs the public split's images (public_images=...)")
+        recovered = self.recover_embeddings(observation, task)
+        if recovered is None:
+            from attacks.ig import InvertingGradients
+
+            ig = InvertingGradients(iterations=self.iterations, restarts=self.restarts, seed=self.seed,
+                                    progress=self.progress, label_strategy=None)
+            recon = ig.reconstruct(observation, task)
+            recon.extras.update(route="tower", prior="tv", seconds=time.perf_counter() - start)
+            return recon
+        labels, features, info = recovered
+        images, more = self.images_from(task, features)
+        _, params = observed(observation, task)
+        with torch.no_grad():
+            embeddings = task.embeddings(params, features=features)
+        return Reconstruction(images.detach().cpu(), labels.cpu(),
+                              {**info, **more, "prior": self.prior, "embeddings": embeddings.cpu(),
+                               "seconds": time.perf_counter() - start})
