@@ -33,17 +33,17 @@ import itertools
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad, jacfwd, jacrev
+from torch.func import grad, jacfwd, jvp, vjp, vmap
 
 from attacks.objectives import cosine_distance
-from fedsim.task import Params, Task
+from fedsim.task import Params, Task, second_order_attention
 
 
 class TextJacobian:
     """J = d vec(T) / d theta for the trainable parameters that reach the class text features,
     at given global parameters, as a [C, D, P] tensor, plus what is needed to use it."""
 
-    def __init__(self, task: Task, params: Params, names: list[str]):
+    def __init__(self, task: Task, params: Params, names: list[str], chunk: int = 64):
         self.names = names
         flat = torch.cat([params[n].reshape(-1) for n in names]).detach().double()
         shapes = [params[n].shape for n in names]
@@ -57,11 +57,8 @@ class TextJacobian:
 
             self.text = text_of(flat).detach()  # [C, D]
             C, D = self.text.shape
-            jac = jacfwd if flat.numel() <= C * D else jacrev
-            from fedsim.task import _second_order_attention
-
-            with _second_order_attention():
-                self.matrix = jac(text_of)(flat).detach().view(C, D, -1)  # [C, D, P]
+            with second_order_attention():
+                self.matrix = _jacobian(text_of, flat, C * D, chunk).view(C, D, -1)  # [C, D, P]
         finally:
             model.float()
         self.sizes = sizes
@@ -69,6 +66,19 @@ class TextJacobian:
     def apply(self, G: torch.Tensor) -> torch.Tensor:
         """J^T vec(G): the parameter gradient that a text-feature gradient G [C, D] induces."""
         return torch.einsum("cd,cdp->p", G, self.matrix)
+
+
+def _jacobian(fn, x: torch.Tensor, outputs: int, chunk: int) -> torch.Tensor:
+    """d fn / d x [outputs, inputs], forward mode when there are fewer inputs than outputs,
+    reverse mode otherwise, `chunk` basis vectors at a time (memory: the tangents of a whole
+    ViT text tower for every basis vector at once would not fit)."""
+    inputs = x.numel()
+    basis = torch.eye(inputs if inputs <= outputs else outputs, dtype=x.dtype, device=x.device)
+    if inputs <= outputs:
+        column = vmap(lambda t: jvp(fn, (x,), (t,))[1].reshape(-1))
+        return torch.cat([column(b) for b in basis.split(chunk)]).T
+    _, pullback = vjp(lambda v: fn(v).reshape(-1), x)
+    return torch.cat([vmap(lambda c: pullback(c)[0])(b) for b in basis.split(chunk)])
 
 
 def flat_update(update: Params, names: list[str]) -> torch.Tensor:

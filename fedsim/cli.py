@@ -161,16 +161,18 @@ def list_models() -> None:
 @app.command("attack")
 def attack_file(
     observation: Path = typer.Argument(..., help="an observation file saved by a run (observations/*.pt)"),
-    attack: str = typer.Option("dlg", help="attack plugin to run"),
+    attack: str = typer.Option("mip", help="attack plugin to run"),
     attack_iters: int = typer.Option(100, help="optimiser iterations of the attack"),
     seed: int = typer.Option(0, help="the attack's own random seed"),
     out: Path = typer.Option(Path("replay.png"), help="where to save the reconstructed images"),
+    dataset: str = typer.Option("", help="the server's public split (MIP's priors learn from it); default: "
+                                "the run's config.yaml next to the observations folder, else digits"),
 ) -> None:
     """Replay a saved observation: run an attack on it offline and save the reconstruction."""
     from fedsim.replay import replay
 
     try:
-        replay(observation, attack, attack_iters, seed, out, console)
+        replay(observation, attack, attack_iters, seed, out, console, dataset or None)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -73,7 +73,7 @@ class Task:
         """d loss / d params. With `create_graph` the result can itself be differentiated
         (gradient matching), which on CPU needs the math attention kernel."""
         leaves = {n: p if p.requires_grad else p.detach().requires_grad_(True) for n, p in params.items()}
-        with _second_order_attention() if create_graph else nullcontext():
+        with second_order_attention() if create_graph else nullcontext():
             loss = self.loss(leaves, images, targets)
             grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
         return dict(zip(leaves, grads))
@@ -90,7 +90,7 @@ class Task:
             value = self.loss(p, images, targets)
             return value, aux()
 
-        with _second_order_attention():
+        with second_order_attention():
             if aux is None:
                 return grad(self.loss)(params, images, targets)
             return grad(loss, has_aux=True)(params)
@@ -115,10 +115,10 @@ class Task:
         def one(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return self.loss(p, x.unsqueeze(0), y.unsqueeze(0))
 
-        with _second_order_attention():
+        with second_order_attention():
             return vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, images, labels)
 
 
-def _second_order_attention():
+def second_order_attention():
     # The fused scaled-dot-product-attention kernels have no double backward on CPU.
     return sdpa_kernel(SDPBackend.MATH)

@@ -21,7 +21,7 @@ def test_run_help_lists_every_option_with_its_default():
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--attack", "nope"], "valid: none, dlg"),
+    (["--attack", "nope"], "valid: none, dlg, gradinversion, idlg, ig, mip"),
     (["--defense", "nope"], "valid: none, dp"),
     (["--clients", "0"], "--clients must be >= 1"),
     (["--dp-noise", "-1"], "--dp-noise must be >= 0"),
@@ -54,8 +54,9 @@ def test_run_end_to_end_writes_results_pictures_and_config(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = pd.read_csv(out / "results.csv")
     for col in ("round", "client", "attack", "defense", "peft", "batch_size", "label_acc", "mse", "psnr",
-                "ssim", "lpips", "seconds", "status"):
+                "ssim", "lpips", "seconds", "status", "emb_cos", "emb_cos_centred", "prior"):
         assert col in results.columns
+    assert (results["attack"] == "mip").all() and results["emb_cos"].between(-1, 1).all()
     assert sorted(results["client"]) == [0, 1, 2] and (results["status"] == "ok").all()
     assert results["psnr"].between(0, 60).all()
     for client in range(3):

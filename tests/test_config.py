@@ -3,11 +3,11 @@ import pytest
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data import federated_data
 
-ATTACKS, DEFENSES = ["dlg"], ["dp"]
+ATTACKS, DEFENSES = ["dlg", "mip"], ["dp"]
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("attack", "nope", "valid: none, dlg"),
+    ("attack", "nope", "valid: none, dlg, mip"),
     ("defense", "nope", "valid: none, dp"),
     ("clients", 0, "--clients must be >= 1"),
     ("batch_size", 0, "--batch-size must be >= 1"),

@@ -1,0 +1,145 @@
+"""MIP: embeddings and labels from PEFT gradients, learned priors, the attack end to end."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from attacks.decoders import RidgeDecoder, learned_prior, shifted
+from attacks.embeddings import TextJacobian, head_side, text_side
+from attacks.mip import MIP, route_of
+from defenses.base import Defense
+from fedsim.config import ConfigError, RunConfig
+from fedsim.data import federated_data
+from fedsim.models import build_task, model_spec
+from fedsim.observation import Observation
+from fedsim.training import local_update
+
+
+def setup(peft, batch_size=1, **kw):
+    cfg = RunConfig(peft=peft, batch_size=batch_size, clients=3, **kw)
+    data = federated_data(cfg)
+    spec = model_spec(cfg, data.private.class_names)
+    return cfg, data, spec, build_task(spec)
+
+
+def observe(cfg, spec, task, images, labels):
+    params = task.trainable()
+    update = local_update(cfg, task, Defense(), images, labels, params, torch.Generator().manual_seed(0))
+    return Observation(1, 0, "gradient", update, params, len(labels), cfg.lr, 1, spec)
+
+
+def true_embeddings(task, images):
+    with torch.no_grad():
+        return task.embeddings(task.trainable(), images)
+
+
+@pytest.mark.parametrize("peft", ["adapter", "double-adapter"])
+def test_adapter_gradient_gives_the_embedding_and_label_exactly(peft):
+    cfg, data, spec, task = setup(peft)
+    for i in (0, 7):
+        x, y = data.private.images[i:i + 1], data.private.labels[i:i + 1]
+        obs = observe(cfg, spec, task, x, y)
+        labels, features, _ = head_side(task, task.trainable(), obs.update, 1, task.model.feature_weight)
+        with torch.no_grad():
+            z = task.embeddings(task.trainable(), features=features)
+        assert labels.tolist() == y.tolist()
+        assert F.cosine_similarity(z, true_embeddings(task, x)).item() > 0.9999
+
+
+def test_coop_gradient_gives_label_and_embedding_through_the_text_jacobian():
+    cfg, data, spec, task = setup("coop")
+    params = task.trainable()
+    jac = TextJacobian(task, params, list(params))
+    # the Jacobian is exact: J^T vec(dL/dT) reproduces the client's prompt gradient
+    x, y = data.private.images[3:4], data.private.labels[3:4]
+    obs = observe(cfg, spec, task, x, y)
+    with torch.no_grad():
+        public = task.embeddings(params, data.public.images)
+    labels, z, info = text_side(task, params, obs.update, 1, public, jacobian=jac)
+    assert labels.tolist() == y.tolist()
+    assert F.cosine_similarity(z, true_embeddings(task, x)).item() > 0.99
+    assert info["relative_residual"] < 1e-3
+
+
+def test_routes_follow_where_the_trainable_parameters_sit():
+    expected = {"coop": "text", "text-adapter": "text", "adapter": "head", "linear-probe": "head", "vpt": "tower"}
+    for peft, route in expected.items():
+        task = setup(peft, pretrained="none")[3]
+        assert route_of(task, task.names) == route, peft
+
+
+def test_ridge_decoder_interpolates_its_training_images_and_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDSIM_CACHE", str(tmp_path))
+    images = torch.rand(12, 3, 8, 8)
+    encoder = torch.nn.Linear(3 * 8 * 8, 16)
+
+    def encode(x):
+        return F.normalize(encoder(x.flatten(1)), dim=-1)
+
+    decoder = learned_prior("ridge", encoder, encode, images, 16)
+    with torch.no_grad():
+        err = ((decoder(encode(images)) - images) ** 2).mean()
+    assert err < 0.5 * ((images.mean(0) - images) ** 2).mean()  # it learned its training images
+    assert len(list((tmp_path / "priors").iterdir())) == 1
+    again = learned_prior("ridge", encoder, encode, images, 16)
+    assert torch.equal(again.coef, decoder.coef)
+    assert len(shifted(images)) == 9 * len(images)
+    with pytest.raises(ValueError, match="valid: ridge, conv"):
+        learned_prior("gan", encoder, encode, images, 16)
+    assert isinstance(decoder, RidgeDecoder)
+
+
+def test_mip_end_to_end_beats_the_mean_image_and_never_reads_private_data():
+    # The decoder is cached next to the pre-trained tiny CLIP (keyed on the tower and the data).
+    cfg, data, spec, task = setup("adapter", attack="mip", attack_iters=5)
+    x, y = data.private.images[5:6].clone(), data.private.labels[5:6].clone()
+    obs = observe(cfg, spec, task, x, y)
+    attack = MIP.from_config(cfg)
+    recon = attack.reconstruct(obs, task)
+    assert recon.labels.tolist() == y.tolist() and recon.images.shape == x.shape
+    mean_image = attack.public_images.mean(0, keepdim=True)
+    assert ((recon.images - x) ** 2).mean() < ((mean_image - x) ** 2).mean()
+    assert recon.extras["prior"] == "ridge" and recon.extras["route"] == "head"
+    # Poison what the process holds of the private data: the output must not change.
+    data.private.images.zero_()
+    data.private.labels.fill_(9)
+    try:
+        again = attack.reconstruct(obs, task)
+    finally:
+        from fedsim.data import _load
+        _load.cache_clear()
+    assert torch.equal(again.images, recon.images) and torch.equal(again.labels, recon.labels)
+
+
+def test_mip_refuses_classic_models_and_label_strategies():
+    cfg, data, spec, task = setup("full", model="lenet", attack="mip")
+    obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
+    with pytest.raises(ConfigError, match="needs a CLIP model"):
+        MIP.from_config(cfg).reconstruct(obs, task)
+    with pytest.raises(ConfigError, match="does not apply to --attack mip"):
+        MIP.from_config(RunConfig(attack="mip", label_strategy="idlg"))
+    with pytest.raises(ConfigError, match="valid: ridge, conv, tv"):
+        MIP(prior="gan")
+
+
+def test_mip_attacks_visual_prompts_by_gradient_matching():
+    cfg, data, spec, task = setup("vpt", pretrained="none", attack="mip", attack_iters=2)
+    obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
+    recon = MIP.from_config(cfg).reconstruct(obs, task)
+    assert recon.extras["route"] == "tower" and recon.images.shape == (1, 3, 32, 32)
+    assert recon.images.min() >= 0 and recon.images.max() <= 1
+
+
+@pytest.mark.parametrize("inputs,outputs", [(5, 12), (12, 5)])
+def test_chunked_jacobian_matches_autograd(inputs, outputs):
+    from torch.func import jacrev
+
+    from attacks.embeddings import _jacobian
+
+    W = torch.randn(outputs, inputs, dtype=torch.double)
+
+    def fn(v):
+        return torch.tanh(W @ v).view(outputs, 1) ** 2
+
+    x = torch.randn(inputs, dtype=torch.double)
+    assert torch.allclose(_jacobian(fn, x, outputs, chunk=2), jacrev(fn)(x).view(outputs, inputs))
