@@ -166,13 +166,20 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
         # Every (public embedding, label) pair scored by how well its gradient aligns with g;
         # the best few are refined on the exact model and the lowest residual wins.
         scores = F.cosine_similarity(atoms, g.view(1, 1, -1), dim=-1).flatten()
-        starts = [divmod(int(i), atoms.shape[1]) for i in scores.topk(min(candidates, scores.numel())).indices]
-        starts = [[s] for s in starts]
+        starts = [[(pub[n], c)] for n, c in (divmod(int(i), atoms.shape[1])
+                                             for i in scores.topk(min(candidates, scores.numel())).indices)]
+        C, D = jac.text.shape
+        if g.numel() >= C * D:
+            # J^T is injective (e.g. a text adapter): G itself comes back by least squares, and
+            # at batch 1 it is s e z^T, whose label row is -(1 - p) z.
+            G = torch.linalg.lstsq(jac.matrix.reshape(C * D, -1).T, g.unsqueeze(1)).solution.view(C, D)
+            label = int(G.norm(dim=1).argmax())
+            starts.insert(0, [(F.normalize(-G[label], dim=0), label)])
     else:
-        starts = [pursue(atoms, g, batch)]
+        starts = [[(pub[n], c) for n, c in pursue(atoms, g, batch)]]
     for picks in starts:
         labels = torch.tensor([c for _, c in picks])
-        Z = refine_text_embeddings(task, jac, g, labels, pub[[n for n, _ in picks]])
+        Z = refine_text_embeddings(task, jac, g, labels, torch.stack([z for z, _ in picks]))
         residual = float((jac.apply(text_gradient(task, jac, Z, labels)) - g).norm() / g.norm())
         if best is None or residual < best[0]:
             best = (residual, labels, Z)
