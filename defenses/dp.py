@@ -1,17 +1,21 @@
-"""DP-SGD (Abadi et al., CCS 2016, arXiv 1607.00133) in the client loop.
+"""DP-SGD (Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar, Zhang, CCS 2016, arXiv 1607.00133)
+in the client loop.
 
 Each example's gradient is clipped to L2 norm C (over all trainable tensors together), the
 clipped gradients are summed, Gaussian noise of std sigma*C is added to the sum, and the result
-is divided by the batch size. Per-example gradients come from `torch.func.vmap`.
+is divided by the batch size. Per-example gradients come from `torch.func.vmap`
+(`Task.per_example_gradients`). The privacy spent is Opacus' RDP accountant's epsilon at
+`--dp-delta`, under the assumptions in `defenses.accounting`.
 
-Not yet here: the privacy accountant (epsilon); that comes with the defense suite.
+Departure from the paper: the "lot" is the client's round batch (fixed size, drawn at random)
+rather than a Poisson sample; the accountant treats it as Poisson at rate B/n.
 """
 
 from __future__ import annotations
 
 import torch
 
-from defenses.base import Defense
+from defenses.base import Defense, gaussian_like
 from fedsim.task import Params, Task
 
 
@@ -39,9 +43,8 @@ class DPSGD(Defense):
                  generator: torch.Generator) -> Params:
         clipped = clip_per_example(task.per_example_gradients(params, images, labels), self.clip)
         batch = images.shape[0]
-        out = {}
-        for name, g in clipped.items():
-            total = g.sum(0)
-            noise = torch.randn(total.shape, generator=generator, dtype=total.dtype).to(total.device)
-            out[name] = (total + self.noise * self.clip * noise) / batch
-        return out
+        return {name: (g.sum(0) + gaussian_like(g[0], self.noise * self.clip, generator)) / batch
+                for name, g in clipped.items()}
+
+    def privacy(self, accounting) -> dict[str, float]:
+        return {"epsilon": accounting.example_epsilon(self.noise)}

@@ -13,8 +13,8 @@ from PIL import Image, ImageDraw
 from rich.table import Table
 
 RESULT_COLUMNS = ["round", "client", "attack", "defense", "peft", "model", "dataset", "batch_size",
-                  "label_acc", "mse", "psnr", "ssim", "lpips", "ident_pixel", "ident_feature", "gradient_loss",
-                  "seconds", "status", "error"]
+                  "epsilon", "epsilon_client", "label_acc", "mse", "psnr", "ssim", "lpips", "ident_pixel",
+                  "ident_feature", "gradient_loss", "seconds", "status", "error"]
 
 
 class ResultsWriter:
