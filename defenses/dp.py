@@ -21,7 +21,8 @@ from fedsim.task import Params, Task
 
 def clip_per_example(per_example: Params, clip: float) -> Params:
     """Scale each example's gradient so its norm over all tensors is at most `clip`."""
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_example.values()))
+    # reshape, not flatten(1): a scalar parameter (CLIP's logit scale) has per-example shape [B]
+    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in per_example.values()))
     factor = (clip / (norms + 1e-12)).clamp(max=1.0)
     return {n: g * factor.view(-1, *[1] * (g.dim() - 1)) for n, g in per_example.items()}
 

@@ -1,8 +1,10 @@
 """Privacy against utility for every defense at several strengths: attack quality of each attack
 (PSNR, SSIM, label accuracy, identifiability) next to the global accuracy the defense leaves.
 
+    OMP_NUM_THREADS=1 .venv-own/bin/python experiments/defense_tradeoff.py --attacks dlg \\
+        --images 1 --attack-iters 40 --rounds 20 --out runs/defense_tradeoff_dlg
     OMP_NUM_THREADS=1 .venv-own/bin/python experiments/defense_tradeoff.py --attacks dlg,ig \\
-        --images 3 --attack-iters 30 --out runs/defense_tradeoff
+        --defenses dp,prune --strengths dp=1.0 prune=0.9 --images 4 --out runs/defense_key
 
 Privacy: `--images` clients each send the FedSGD update of one image (batch 1, the attacks'
 best case), produced by the real client path (`fedsim.flower.client_update`, defense chain
@@ -58,11 +60,11 @@ GRID = {
 }
 
 
-def settings(defenses: list[str]):
+def settings(defenses: list[str], chosen: dict[str, list[float]]):
     yield "none", None, {}
     for name in defenses:
         field, strengths, fixed = GRID[name]
-        for s in strengths:
+        for s in chosen.get(name, strengths):
             yield name, s, {"defense": name, field: s, **fixed} if name != "secagg" else {"defense": name}
 
 
@@ -115,9 +117,18 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=5, help="utility: local SGD steps per round")
     parser.add_argument("--utility-batch", type=int, default=16, help="utility: batch per local step")
     parser.add_argument("--utility-lr", type=float, default=0.1)
+    parser.add_argument("--strengths", nargs="*", default=[], metavar="DEFENSE=S1,S2",
+                        help="replace a defense's strengths, e.g. dp=1.0 prune=0.9")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/defense_tradeoff")
     args = parser.parse_args()
+    chosen = {}
+    for item in args.strengths:
+        name, _, values = item.partition("=")
+        if name not in GRID or not values:
+            parser.error(f"--strengths {item!r}: expected DEFENSE=S1,S2 with DEFENSE one of {', '.join(GRID)}")
+        kind = type(GRID[name][1][0])
+        chosen[name] = [kind(v) for v in values.split(",")]
     torch.set_num_threads(1)
     attacks = [a.strip() for a in args.attacks.split(",")]
     out = Path(args.out)
@@ -126,7 +137,7 @@ def main() -> None:
     base = RunConfig(model=args.model, peft=peft, dataset=args.dataset, batch_size=1, seed=args.seed,
                      attack_iters=args.attack_iters, clients=max(args.images, 4))
     rows, summary = [], []
-    for defense, strength, overrides in settings([d.strip() for d in args.defenses.split(",")]):
+    for defense, strength, overrides in settings([d.strip() for d in args.defenses.split(",")], chosen):
         cfg = RunConfig(**{**base.to_dict(), **overrides})
         group = strength if defense == "secagg" else 1
         images = group * max(1, args.images // group)
