@@ -86,8 +86,9 @@ def observations(cfg: RunConfig, images: int, aggregate_of: int):
         yield obs, task, torch.cat([t[0] for t in truth]), torch.cat([t[1] for t in truth]), data
 
 
-def attack_rows(attack_name: str, cfg: RunConfig, obs, task, truth, labels, data) -> dict:
-    attack = make_attack(RunConfig(**{**cfg.to_dict(), "attack": attack_name}))
+def attack_rows(attack_name: str, cfg: RunConfig, obs, task, truth, labels, data, iters: dict) -> dict:
+    attack = make_attack(RunConfig(**{**cfg.to_dict(), "attack": attack_name,
+                                      "attack_iters": iters.get(attack_name, cfg.attack_iters)}))
     start = time.perf_counter()
     recon = attack.reconstruct(obs, task)
     metrics, _ = evaluate(recon.images, recon.labels, truth, labels, data.public.images[:256])
@@ -111,7 +112,8 @@ def main() -> None:
     parser.add_argument("--model", default="lenet")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--images", type=int, default=4, help="attacked updates (clients) per setting")
-    parser.add_argument("--attack-iters", type=int, default=30)
+    parser.add_argument("--attack-iters", default="30", help="iterations of every attack (30), or per attack "
+                        "(dlg=40,ig=1000)")
     parser.add_argument("--rounds", type=int, default=10, help="utility: FedAvg rounds")
     parser.add_argument("--clients", type=int, default=4, help="utility: clients, all sampled each round")
     parser.add_argument("--local-steps", type=int, default=5, help="utility: local SGD steps per round")
@@ -131,11 +133,15 @@ def main() -> None:
         chosen[name] = [kind(v) for v in values.split(",")]
     torch.set_num_threads(1)
     attacks = [a.strip() for a in args.attacks.split(",")]
+    iters = {}
+    for item in args.attack_iters.split(","):
+        name, _, value = item.rpartition("=")
+        iters.update({name: int(value)} if name else {a: int(value) for a in attacks})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     peft = "full" if args.model in ("lenet", "convnet", "resnet18") else "coop"
     base = RunConfig(model=args.model, peft=peft, dataset=args.dataset, batch_size=1, seed=args.seed,
-                     attack_iters=args.attack_iters, clients=max(args.images, 4))
+                     clients=max(args.images, 4))
     rows, summary = [], []
     for defense, strength, overrides in settings([d.strip() for d in args.defenses.split(",")], chosen):
         cfg = RunConfig(**{**base.to_dict(), **overrides})
@@ -146,7 +152,7 @@ def main() -> None:
         for obs, task, truth, labels, data in observations(cfg, images, group):
             for attack in attacks:
                 rows.append({**setting, "attack": attack, "client": obs.client,
-                             **attack_rows(attack, cfg, obs, task, truth, labels, data)})
+                             **attack_rows(attack, cfg, obs, task, truth, labels, data, iters)})
                 print(f"{defense} {strength} {attack} client {obs.client}: PSNR {rows[-1]['psnr']:.2f}", flush=True)
             if defense == "none":  # the no-information baselines, once per image
                 norm = float(update_norm(obs.update))
@@ -158,7 +164,7 @@ def main() -> None:
                     fake = Observation(**{**obs.meta(), "update": update, "global_params": obs.global_params})
                     for attack in attacks:
                         rows.append({"defense": "baseline", "strength": kind, "attack": attack, "client": obs.client,
-                                     **attack_rows(attack, cfg, fake, task, truth, labels, data)})
+                                     **attack_rows(attack, cfg, fake, task, truth, labels, data, iters)})
             pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
         if defense != "secagg":  # secagg changes what the server sees, not the global model
             use = utility(base, overrides, args, out / "utility_run")
