@@ -51,8 +51,8 @@ from fedsim.runner import run  # noqa: E402
 
 # defense -> (config field its strength sets, strengths from weak to strong, fixed fields)
 GRID = {
-    "dp": ("dp_noise", [0.01, 0.1, 0.3, 1.0], {"dp_clip": 1.0}),
-    "dp-update": ("update_noise", [0.001, 0.01, 0.1, 1.0], {"update_clip": 1.0}),
+    "dp": ("dp_noise", [0.0, 1e-4, 1e-3, 1e-2, 1.0], {"dp_clip": 1.0}),
+    "dp-update": ("update_noise", [1e-4, 1e-3, 1e-2, 1.0], {"update_clip": 1.0}),
     "prune": ("prune_ratio", [0.2, 0.5, 0.7, 0.9, 0.99], {}),
     "quantize": ("quantize_bits", [8, 4, 2, 1], {"quantize_mode": "stochastic"}),
     "soteria": ("soteria_ratio", [0.2, 0.4, 0.6, 0.8], {}),
@@ -167,7 +167,7 @@ def main() -> None:
                                      **attack_rows(attack, cfg, fake, task, truth, labels, data, iters)})
             pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
         if defense != "secagg":  # secagg changes what the server sees, not the global model
-            use = utility(base, overrides, args, out / "utility_run")
+            use = utility(base, overrides, args, out / "utility" / f"{defense}_{strength}")
         else:
             use = {"accuracy": summary[0]["accuracy"]}
         print(f"{defense} {strength}: utility {use}", flush=True)

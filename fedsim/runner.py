@@ -66,6 +66,7 @@ class AttackPipeline:
         self.writer = ResultsWriter(out / "results.csv")
         self.gallery = data.public.images[:GALLERY_SIZE]  # public images a reconstruction must stand out from
         self.defense = make_defense(cfg)
+        (out / "metrics.csv").unlink(missing_ok=True)  # rows are appended per round: start afresh on --overwrite
         self.client_sizes = [len(idx) for idx in data.client_indices]
         self.timings = Timings()
         self._round_sent = 0.0
