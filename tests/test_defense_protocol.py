@@ -47,3 +47,10 @@ def test_secagg_shows_the_server_only_the_average_of_the_round(tmp_path):
     mean = {n: sum(o.update[n] for o in each.values()) / 3 for n in each[0].update}
     torch.testing.assert_close(secure[-1].update, mean)
     assert secure[-1].batch_size == 6
+
+
+def test_overwriting_a_run_starts_its_metrics_afresh(tmp_path):
+    lenet_run(tmp_path, "again", defense="dp")
+    out = lenet_run(tmp_path, "again", defense="prune", overwrite=True)
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics["round"]) == [0, 1, 2] and "epsilon" not in metrics
