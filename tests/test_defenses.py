@@ -205,3 +205,18 @@ def test_weights_round_trip_for_flower_mods():
         cfg = RunConfig(protocol=protocol, lr=0.1)
         back = from_weights(cfg, as_weights(cfg, update, params), params)
         torch.testing.assert_close(back, update, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("peft,layer", [("adapter", "image_adapter.fc1")])  # linear-probe's head: same code path
+def test_soteria_on_clip_masks_the_layer_fed_by_the_image_embedding(peft, layer):
+    from fedsim.data import federated_data
+    from fedsim.models import build_task, model_spec
+
+    cfg = RunConfig(clients=3, peft=peft, batch_size=2)
+    data = federated_data(cfg)
+    task = build_task(model_spec(cfg, data.private.class_names))
+    assert representation_layer(task) == layer
+    images, labels = data.client_batch(cfg, 1, 0)
+    out = Chain([Soteria(0.5)]).gradient(task, task.trainable(), images, labels, torch.Generator())
+    units = out[f"{layer}.weight"].shape[1]
+    assert int((out[f"{layer}.weight"] == 0).all(0).sum()) >= round(0.5 * units)
