@@ -14,9 +14,10 @@ class FlowerDP(Defense):
 
     Flower's mod clips (reply - sent weights), so with this defense a client replies with weights,
     global + its step (FedAvg: the weight delta; FedSGD: -lr * gradient), and the server turns
-    them back into updates; under FedSGD, C therefore bounds the step lr * gradient. The noise is added after the curious server has copied the replies,
-    so this defense does not hide an update from the server itself: it bounds each update's norm
-    and protects the released global model. Epsilon (client-level, see defenses.accounting) is
+    them back into updates; under FedSGD, C therefore bounds the step lr * gradient. The noise
+    is added after the curious server has copied the replies, so this defense does not hide an
+    update from the server itself: it bounds each update's norm and protects the released global
+    model. Epsilon (client-level, see defenses.accounting) is
     the protection of the global model against anyone who sees it, not against the server.
     """
 

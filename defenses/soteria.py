@@ -41,27 +41,28 @@ def representation_layer(task: Task) -> str:
 
 
 def unit_scores(task: Task, params: Params, images: torch.Tensor, layer: str) -> torch.Tensor:
-    """s_f = sum_b ||d r_bf / d x_b|| / (|r_bf| + 0.1) for every unit f of the layer's input r."""
+    """s_f = sum_b ||d r_bf / d x_b|| / (|r_bf| + 0.1) for every unit f of the layer's input r.
+
+    The examples of a batch do not interact in fedsim's models (they run in eval mode: no batch
+    statistics), so d(sum_b r_bf)/d x_b = d r_bf / d x_b, and one Jacobian of the batch-summed
+    representation gives every example's: F vector-Jacobian products instead of B * F."""
     module = task.model.get_submodule(layer)
     captured: list[torch.Tensor] = []
     hook = module.register_forward_hook(lambda m, inputs, out: captured.append(inputs[0]))
 
     def representation(x: torch.Tensor) -> torch.Tensor:
         captured.clear()
-        task.logits(params, x.unsqueeze(0))
-        return captured[-1].reshape(-1)
+        task.logits(params, x)
+        return captured[-1].reshape(x.shape[0], -1)
 
     try:
-        scores = 0
         with _second_order_attention():
-            for x in images:
-                jac = jacrev(representation)(x)  # [F, C, H, W]
-                with torch.no_grad():
-                    r = representation(x)
-                scores = scores + jac.flatten(1).norm(dim=1) / (r.abs() + 0.1)
+            jac = jacrev(lambda x: representation(x).sum(0))(images)  # [F, B, C, H, W]
+            with torch.no_grad():
+                r = representation(images)  # [B, F]
     finally:
         hook.remove()
-    return scores
+    return (jac.flatten(2).norm(dim=2).T / (r.abs() + 0.1)).sum(0)
 
 
 class Soteria(Defense):

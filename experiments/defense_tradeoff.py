@@ -68,6 +68,12 @@ def settings(defenses: list[str], chosen: dict[str, list[float]]):
             yield name, s, {"defense": name, field: s, **fixed} if name != "secagg" else {"defense": name}
 
 
+def key(defense: str, strength) -> tuple[str, str]:
+    """A setting's identity, the same whether its strength is a number or was read back from a CSV."""
+    missing = strength is None or str(strength) in ("nan", "None")
+    return defense, "-" if missing else f"{float(strength):g}"
+
+
 def observations(cfg: RunConfig, images: int, aggregate_of: int):
     """(observation, true images, true labels) per attacked update: one per client, or under
     secure aggregation one per group of `aggregate_of` clients."""
@@ -122,6 +128,7 @@ def main() -> None:
     parser.add_argument("--strengths", nargs="*", default=[], metavar="DEFENSE=S1,S2",
                         help="replace a defense's strengths, e.g. dp=1.0 prune=0.9")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="keep the settings already in --out's summary.csv")
     parser.add_argument("--out", default="runs/defense_tradeoff")
     args = parser.parse_args()
     chosen = {}
@@ -142,8 +149,15 @@ def main() -> None:
     peft = "full" if args.model in ("lenet", "convnet", "resnet18") else "coop"
     base = RunConfig(model=args.model, peft=peft, dataset=args.dataset, batch_size=1, seed=args.seed,
                      clients=max(args.images, 4))
-    rows, summary = [], []
+    rows, summary, done = [], [], set()
+    if args.resume and (out / "summary.csv").exists():
+        summary = pd.read_csv(out / "summary.csv").to_dict("records")
+        done = {key(r["defense"], r["strength"]) for r in summary}
+        rows = [r for r in pd.read_csv(out / "results.csv").to_dict("records")
+                if r["defense"] == "baseline" or key(r["defense"], r["strength"]) in done]
     for defense, strength, overrides in settings([d.strip() for d in args.defenses.split(",")], chosen):
+        if key(defense, strength) in done:
+            continue
         cfg = RunConfig(**{**base.to_dict(), **overrides})
         group = strength if defense == "secagg" else 1
         images = group * max(1, args.images // group)

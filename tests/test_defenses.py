@@ -220,3 +220,14 @@ def test_soteria_on_clip_masks_the_layer_fed_by_the_image_embedding(peft, layer)
     out = Chain([Soteria(0.5)]).gradient(task, task.trainable(), images, labels, torch.Generator())
     units = out[f"{layer}.weight"].shape[1]
     assert int((out[f"{layer}.weight"] == 0).all(0).sum()) >= round(0.5 * units)
+
+
+def test_soteria_scores_of_a_batch_are_the_sum_of_each_example_s(lenet_setup):
+    from defenses.soteria import unit_scores
+
+    cfg, data, task = lenet_setup
+    images, _ = data.client_batch(RunConfig(batch_size=3), 1, 0)
+    params = task.trainable()
+    batch = unit_scores(task, params, images, "fc")
+    each = sum(unit_scores(task, params, x.unsqueeze(0), "fc") for x in images)
+    torch.testing.assert_close(batch, each, rtol=1e-4, atol=1e-6)
