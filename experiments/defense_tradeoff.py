@@ -128,6 +128,8 @@ def main() -> None:
     parser.add_argument("--strengths", nargs="*", default=[], metavar="DEFENSE=S1,S2",
                         help="replace a defense's strengths, e.g. dp=1.0 prune=0.9")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-utility", default="", help="comma-separated defenses whose utility run is skipped "
+                        "(NaN): soteria's Jacobian in every local step makes its run long on a CPU")
     parser.add_argument("--resume", action="store_true", help="keep the settings already in --out's summary.csv")
     parser.add_argument("--out", default="runs/defense_tradeoff")
     args = parser.parse_args()
@@ -180,7 +182,9 @@ def main() -> None:
                         rows.append({"defense": "baseline", "strength": kind, "attack": attack, "client": obs.client,
                                      **attack_rows(attack, cfg, fake, task, truth, labels, data, iters)})
             pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
-        if defense != "secagg":  # secagg changes what the server sees, not the global model
+        if defense in args.skip_utility.split(","):
+            use = {"accuracy": float("nan")}  # not measured: said in the summary as NaN
+        elif defense != "secagg":  # secagg changes what the server sees, not the global model
             use = utility(base, overrides, args, out / "utility" / f"{defense}_{strength}")
         else:
             use = {"accuracy": summary[0]["accuracy"]}
