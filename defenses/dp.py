@@ -1,23 +1,28 @@
-"""DP-SGD (Abadi et al., CCS 2016, arXiv 1607.00133) in the client loop.
+"""DP-SGD (Abadi, Chu, Goodfellow, McMahan, Mironov, Talwar, Zhang, CCS 2016, arXiv 1607.00133)
+in the client loop.
 
 Each example's gradient is clipped to L2 norm C (over all trainable tensors together), the
 clipped gradients are summed, Gaussian noise of std sigma*C is added to the sum, and the result
-is divided by the batch size. Per-example gradients come from `torch.func.vmap`.
+is divided by the batch size. Per-example gradients come from `torch.func.vmap`
+(`Task.per_example_gradients`). The privacy spent is Opacus' RDP accountant's epsilon at
+`--dp-delta`, under the assumptions in `defenses.accounting`.
 
-Not yet here: the privacy accountant (epsilon); that comes with the defense suite.
+Departure from the paper: the "lot" is the client's round batch (fixed size, drawn at random)
+rather than a Poisson sample; the accountant treats it as Poisson at rate B/n.
 """
 
 from __future__ import annotations
 
 import torch
 
-from defenses.base import Defense
+from defenses.base import Defense, gaussian_like
 from fedsim.task import Params, Task
 
 
 def clip_per_example(per_example: Params, clip: float) -> Params:
     """Scale each example's gradient so its norm over all tensors is at most `clip`."""
-    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_example.values()))
+    # reshape, not flatten(1): a scalar parameter (CLIP's logit scale) has per-example shape [B]
+    norms = torch.sqrt(sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in per_example.values()))
     factor = (clip / (norms + 1e-12)).clamp(max=1.0)
     return {n: g * factor.view(-1, *[1] * (g.dim() - 1)) for n, g in per_example.items()}
 
@@ -39,9 +44,8 @@ class DPSGD(Defense):
                  generator: torch.Generator) -> Params:
         clipped = clip_per_example(task.per_example_gradients(params, images, labels), self.clip)
         batch = images.shape[0]
-        out = {}
-        for name, g in clipped.items():
-            total = g.sum(0)
-            noise = torch.randn(total.shape, generator=generator, dtype=total.dtype).to(total.device)
-            out[name] = (total + self.noise * self.clip * noise) / batch
-        return out
+        return {name: (g.sum(0) + gaussian_like(g[0], self.noise * self.clip, generator)) / batch
+                for name, g in clipped.items()}
+
+    def privacy(self, accounting) -> dict[str, float]:
+        return {"epsilon": accounting.example_epsilon(self.noise)}

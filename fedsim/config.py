@@ -83,9 +83,20 @@ class RunConfig:
     label_strategy: str = option("default", "how the attack gets labels: default (the attack's own), "
                                  "optimise (soft labels, DLG-style), or a rule: " + ", ".join(LABEL_STRATEGIES))
     attack_restarts: int = option(1, "independent restarts; the one that matches the gradient best is kept")
-    defense: str = option("none", "defense applied in the client loop: none or dp")
+    defense: str = option("none", "comma-separated chain of defenses, applied in the order given "
+                          "(`fedsim list` shows them): dp, dp-update, flower-dp, prune, quantize, soteria, "
+                          "secagg; none for no defense")
     dp_clip: float = option(1.0, "dp: per-example gradient L2 clipping bound C")
     dp_noise: float = option(1.0, "dp: noise multiplier sigma (noise std = sigma * C on the summed gradient)")
+    dp_delta: float = option(1e-5, "dp, dp-update, flower-dp: delta at which epsilon is reported")
+    update_clip: float = option(1.0, "dp-update, flower-dp: L2 clipping bound C of a client's whole update")
+    update_noise: float = option(1.0, "dp-update, flower-dp: noise multiplier sigma (std sigma * C on the "
+                                 "update; flower-dp: on the sum, added by the server)")
+    prune_ratio: float = option(0.9, "prune: share of each tensor's entries, smallest in magnitude, set to zero")
+    quantize_bits: int = option(8, "quantize: bits per entry (2^bits levels between a tensor's min and max)")
+    quantize_mode: str = option("stochastic", "quantize: stochastic (unbiased rounding) or deterministic (nearest)")
+    soteria_ratio: float = option(0.8, "soteria: share of representation units masked in the gradient of the "
+                                  "layer they feed")
     seed: int = option(0, "seeds data split, batch schedule, model init, noise and attack")
     engine: str = option("ray", "ray: Flower's simulation engine on Ray; inprocess: clients called "
                          "one after another in this process (no Ray start-up; tests, debugging)")
@@ -107,13 +118,9 @@ class RunConfig:
         _choice("attack", self.attack, ["none", *attacks])
         _choice("label-strategy", self.label_strategy, ("default", "optimise", *LABEL_STRATEGIES))
         _choice("mip-prior", self.mip_prior, MIP_PRIORS)
-        _choice("defense", self.defense, ["none", *defenses])
+        self._validate_defenses(defenses)
         _choice("device", self.device, DEVICES)
         _choice("engine", self.engine, ENGINES)
-        if self.dp_noise < 0:
-            raise ConfigError(f"--dp-noise must be >= 0, got {self.dp_noise}")
-        if self.dp_clip <= 0:
-            raise ConfigError(f"--dp-clip must be > 0, got {self.dp_clip}")
         if self.lr <= 0:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.out:
@@ -162,6 +169,36 @@ class RunConfig:
             _choice("lora-targets", target, ("attn", "c_fc", "c_proj"), hint)
         if not 0 <= self.adapter_ratio <= 1:
             raise ConfigError(f"--adapter-ratio must be in [0, 1], got {self.adapter_ratio}")
+
+    def _validate_defenses(self, installed: list[str]) -> None:
+        chain = [n.strip() for n in self.defense.split(",")]
+        for name in chain:
+            _choice("defense", name, ["none", *installed], " (a comma-separated chain)")
+        if "none" in chain and len(chain) > 1:
+            raise ConfigError(f"--defense {self.defense!r}: none cannot be chained with other defenses")
+        repeated = sorted({n for n in chain if chain.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"--defense {self.defense!r} names {', '.join(repeated)} more than once")
+        for name in ("dp_noise", "update_noise"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("dp_clip", "update_clip"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
+        for name in ("prune_ratio", "soteria_ratio"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if not 1 <= self.quantize_bits <= 16:
+            raise ConfigError(f"--quantize-bits must be in 1..16, got {self.quantize_bits}")
+        _choice("quantize-mode", self.quantize_mode, ("stochastic", "deterministic"))
+
+    @property
+    def defense_list(self) -> list[str]:
+        """The defense chain, in the order it applies (see defenses.base.Chain); [] for none."""
+        names = [n.strip() for n in self.defense.split(",")]
+        return [] if names == ["none"] else names
 
     @property
     def lora_target_list(self) -> tuple[str, ...]:

@@ -64,8 +64,22 @@ def client_update(cfg_json: str, client: int, round_: int, params: dict[str, tor
     return {n: g.detach().cpu() for n, g in update.items()}, len(labels)
 
 
+def as_weights(cfg: RunConfig, update: dict[str, torch.Tensor], params: dict[str, torch.Tensor]):
+    """An update expressed as the weights it leads to, global + step (FedSGD's step is -lr * gradient),
+    the form Flower's DP mods expect a reply in."""
+    scale = -cfg.lr if cfg.protocol == "fedsgd" else 1.0
+    return {n: params[n] + scale * u for n, u in update.items()}
+
+
+def from_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], params: dict[str, torch.Tensor]):
+    """The inverse of `as_weights`."""
+    scale = -1.0 / cfg.lr if cfg.protocol == "fedsgd" else 1.0
+    return {n: (w - params[n]) * scale for n, w in weights.items()}
+
+
 def make_client_app(cfg: RunConfig) -> ClientApp:
-    app = ClientApp()
+    defense = make_defense(cfg)
+    app = ClientApp(mods=defense.client_mods())
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
 
     @app.train()
@@ -75,6 +89,8 @@ def make_client_app(cfg: RunConfig) -> ClientApp:
         params = msg.content["arrays"].to_torch_state_dict()
         start = time.perf_counter()
         update, n = client_update(cfg_json, client, round_, params)
+        if defense.replies_with_weights:
+            update = as_weights(cfg, update, params)
         reply = RecordDict({
             UPDATE_KEY: ArrayRecord(update),
             METRICS_KEY: MetricRecord({"num-examples": n, "train-seconds": time.perf_counter() - start}),
@@ -101,6 +117,10 @@ class CuriousFedAvg(FedAvg):
 
     FedSGD replies are gradients: their weighted average is applied as one SGD step of size lr.
     FedAvg replies are weight deltas: their weighted average is added to the global weights.
+
+    With a defense whose clients reply with weights (flower-dp), the average of the replies is the
+    new global model and each reply is turned back into an update before it is observed. With
+    secure aggregation (secagg), the server observes only the average of the round's updates.
     """
 
     def __init__(self, cfg: RunConfig, spec: dict, listener: Listener, **kwargs):
@@ -109,6 +129,9 @@ class CuriousFedAvg(FedAvg):
         self.spec = spec
         self.listener = listener
         self._global: dict[str, torch.Tensor] = {}
+        defense = make_defense(cfg)
+        self.replies_with_weights = defense.replies_with_weights
+        self.aggregate_only = defense.aggregate_only
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -121,12 +144,16 @@ class CuriousFedAvg(FedAvg):
         replies = list(replies)
         self.listener.replies_received(server_round, sum(
             float(m.content[METRICS_KEY].get("train-seconds", 0.0)) for m in replies if not m.has_error()))
-        for msg in replies:
-            if not msg.has_error():
-                self.listener(self.observe(server_round, msg))
+        observations = [self.observe(server_round, m) for m in replies if not m.has_error()]
+        if self.aggregate_only and observations:
+            observations = [aggregate(observations)]
+        for obs in observations:
+            self.listener(obs)
         mean_grad, metrics = super().aggregate_train(server_round, replies)
         if mean_grad is None:  # every client failed: keep the global model
             return None, metrics
+        if self.replies_with_weights:  # the average of the replies is already the new global model
+            return mean_grad, metrics
         mean = mean_grad.to_torch_state_dict()
         scale = -self.cfg.lr if self.cfg.protocol == "fedsgd" else 1.0
         new = {n: p + scale * mean[n].to(p.dtype) for n, p in self._global.items()}
@@ -136,17 +163,31 @@ class CuriousFedAvg(FedAvg):
         content = msg.content
         n = int(content[METRICS_KEY]["num-examples"])
         fedsgd = self.cfg.protocol == "fedsgd"
+        update = content[UPDATE_KEY].to_torch_state_dict()
+        if self.replies_with_weights:
+            update = from_weights(self.cfg, update, self._global)
         return Observation(
             round=server_round,
             client=int(content[CLIENT_KEY]["client-id"]),
             kind="gradient" if fedsgd else "delta",
-            update=content[UPDATE_KEY].to_torch_state_dict(),
+            update=update,
             global_params={name: p.clone() for name, p in self._global.items()},
             batch_size=n,
             lr=self.cfg.lr,
             local_steps=1 if fedsgd else local_steps(self.cfg, n),
             model_spec=self.spec,
         )
+
+
+def aggregate(observations: list[Observation]) -> Observation:
+    """What secure aggregation leaves the server: the example-weighted average of the updates,
+    as one observation of all the clients' examples together (client -1; `clients` names them)."""
+    first, total = observations[0], sum(o.batch_size for o in observations)
+    update = {n: sum(o.update[n] * (o.batch_size / total) for o in observations) for n in first.update}
+    return Observation(round=first.round, client=-1, kind=first.kind, update=update,
+                       global_params=first.global_params, batch_size=total, lr=first.lr,
+                       local_steps=first.local_steps, model_spec=first.model_spec,
+                       clients=tuple(o.client for o in observations))
 
 
 def clients_per_round(cfg: RunConfig) -> int:
@@ -161,11 +202,11 @@ def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = CuriousFedAvg(
+        strategy = make_defense(cfg).wrap_strategy(CuriousFedAvg(
             cfg=cfg, spec=spec, listener=listener,
             fraction_train=cfg.fraction, fraction_evaluate=0.0,
             min_train_nodes=clients_per_round(cfg), min_available_nodes=cfg.clients,
-        )
+        ))
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
                        evaluate_fn=evaluate_fn)
 

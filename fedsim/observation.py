@@ -31,6 +31,7 @@ class Observation:
     lr: float  # the client's learning rate, public in the training configuration
     local_steps: int
     model_spec: dict[str, Any] = field(default_factory=dict)  # public: enough to rebuild the model
+    clients: tuple[int, ...] = ()  # secure aggregation: the clients behind an aggregate (client -1)
 
     def __post_init__(self) -> None:
         if self.kind not in UPDATE_KINDS:

@@ -35,9 +35,8 @@ def make_attack(cfg, progress=None):
 
 
 def make_defense(cfg):
-    """The defense named by the config; `none` gives the do-nothing base defense."""
-    from defenses.base import Defense
+    """The config's defense chain (`--defense dp,prune`), applied in the order described in
+    `defenses.base.Chain`; `none` gives an empty chain, which changes nothing."""
+    from defenses.base import Chain
 
-    if cfg.defense == "none":
-        return Defense()
-    return _load(DEFENSE_GROUP, cfg.defense).from_config(cfg)
+    return Chain([_load(DEFENSE_GROUP, name).from_config(cfg) for name in cfg.defense_list])

@@ -13,9 +13,9 @@ from PIL import Image, ImageDraw
 from rich.table import Table
 
 RESULT_COLUMNS = ["round", "client", "attack", "defense", "peft", "model", "dataset", "batch_size",
-                  "label_acc", "mse", "psnr", "ssim", "lpips", "ident_pixel", "ident_feature", "emb_cos",
-                  "emb_cos_centred", "prior", "gradient_loss",
-                  "seconds", "status", "error"]
+                  "epsilon", "epsilon_client", "label_acc", "mse", "psnr", "ssim", "lpips", "ident_pixel",
+                  "ident_feature", "emb_cos", "emb_cos_centred", "prior", "gradient_loss", "seconds", "status",
+                  "error"]
 
 
 class ResultsWriter:

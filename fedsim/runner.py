@@ -27,7 +27,7 @@ from fedsim.evaluate import embedding_similarity, evaluate, lpips_metric
 from fedsim.flower import clients_per_round, make_client_app, make_server_app, quiet_flower
 from fedsim.models import build_task, model_spec, resolve_device
 from fedsim.observation import Observation
-from fedsim.plugins import attack_names, defense_names, make_attack
+from fedsim.plugins import attack_names, defense_names, make_attack, make_defense
 from fedsim.report import ResultsWriter, save_grid, summary_table
 from fedsim.task import Task
 from fedsim.training import accuracy, client_examples
@@ -65,6 +65,9 @@ class AttackPipeline:
             attack.progress = self._attack_progress
         self.writer = ResultsWriter(out / "results.csv")
         self.gallery = data.public.images[:GALLERY_SIZE]  # public images a reconstruction must stand out from
+        self.defense = make_defense(cfg)
+        (out / "metrics.csv").unlink(missing_ok=True)  # rows are appended per round: start afresh on --overwrite
+        self.client_sizes = [len(idx) for idx in data.client_indices]
         self.timings = Timings()
         self._round_sent = 0.0
         for sub in ("reconstructions", "observations"):
@@ -80,9 +83,15 @@ class AttackPipeline:
         held_out = self.data.public_eval
         metrics = accuracy(self.task, params, held_out.images, held_out.labels)
         path = self.out / "metrics.csv"
-        row = pd.DataFrame([{"round": server_round, **metrics}])
+        row = pd.DataFrame([{"round": server_round, **metrics, **self.privacy(server_round)}])
         row.to_csv(path, mode="a", header=not path.exists(), index=False)
         return MetricRecord(metrics)
+
+    def privacy(self, rounds: int) -> dict[str, float]:
+        """The privacy the defense chain has bought after `rounds` rounds (epsilon at --dp-delta)."""
+        from defenses.accounting import Accounting
+
+        return self.defense.privacy(Accounting.from_config(self.cfg, self.client_sizes, rounds))
 
     def _attack_progress(self, done: int, total: int) -> None:
         self.progress.update(self.iter_bar, completed=done, total=total, visible=True)
@@ -101,18 +110,24 @@ class AttackPipeline:
         self.progress.update(self.bar, description=f"round {obs.round}: attacking client {obs.client}")
         row = {"round": obs.round, "client": obs.client, "attack": self.cfg.attack,
                "defense": self.cfg.defense, "peft": self.cfg.peft, "model": self.cfg.model,
-               "dataset": self.cfg.dataset, "batch_size": obs.batch_size}
+               "dataset": self.cfg.dataset, "batch_size": obs.batch_size, **self.privacy(obs.round)}
         if self.attack is not None:
             row.update(self._attack(obs, tag))
             self.writer.write(row)
         self.progress.advance(self.bar)
+
+    def examples_behind(self, obs: Observation):
+        """The true examples behind an observation: one client's, or under secure aggregation
+        those of every client in the aggregate."""
+        parts = [client_examples(self.cfg, self.data, obs.round, c) for c in (obs.clients or (obs.client,))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def _attack(self, obs: Observation, tag: str) -> dict:
         start = time.perf_counter()
         try:
             with single_cpu_thread(self.task.device):
                 recon = self.attack.reconstruct(obs, self.task)
-            true_images, true_labels = client_examples(self.cfg, self.data, obs.round, obs.client)
+            true_images, true_labels = self.examples_behind(obs)
             metrics, order = evaluate(recon.images, recon.labels, true_images, true_labels, self.gallery)
             save_grid(self.out / "reconstructions" / f"{tag}.png",
                       [(true_images, true_labels), (recon.images[order], recon.labels[order])],
@@ -189,6 +204,9 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
         acc = pd.read_csv(out / "metrics.csv")
         console.print(f"global accuracy on the held-out public split: {acc['accuracy'].iloc[0]:.1%} before round 1, "
                       f"{acc['accuracy'].iloc[-1]:.1%} after round {int(acc['round'].iloc[-1])}")
+        for column, unit in (("epsilon", "example-level"), ("epsilon_client", "client-level")):
+            if column in acc:
+                console.print(f"privacy spent: {unit} epsilon {acc[column].iloc[-1]:.3g} at delta {cfg.dp_delta:g}")
     elif cfg.attack != "none":
         console.print("[red]no client update was attacked: see the Flower log above[/]")
     console.print(f"time: {timings['total_s']:.1f}s; waiting for clients (engine start-up + training) "

@@ -8,6 +8,8 @@ def test_clipping_bounds_every_example_norm():
     clipped = clip_per_example(per, 1.0)
     norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in clipped.values()))
     assert (norms <= 1.0 + 1e-5).all()
+    scalar = clip_per_example({"scale": torch.tensor([3.0, -0.5]), "w": torch.zeros(2, 3)}, 1.0)
+    torch.testing.assert_close(scalar["scale"], torch.tensor([1.0, -0.5]))  # a scalar parameter clips too
     small = {"a": torch.full((1, 2), 0.1)}
     torch.testing.assert_close(clip_per_example(small, 1.0)["a"], small["a"])
 

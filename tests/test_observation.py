@@ -24,7 +24,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_observation_fields_hold_no_data_or_seed():
     names = {f.name for f in dataclasses.fields(Observation)}
     assert names == {"round", "client", "kind", "update", "global_params", "batch_size", "lr",
-                     "local_steps", "model_spec"}
+                     "local_steps", "model_spec", "clients"}  # clients: the ids behind a secure aggregate
 
 
 def test_a_pickled_object_is_refused(tmp_path):
