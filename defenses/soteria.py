@@ -24,7 +24,7 @@ import torch
 from torch.func import jacrev
 
 from defenses.base import Defense
-from fedsim.task import Params, Task, _second_order_attention
+from fedsim.task import Params, Task, second_order_attention
 
 REPRESENTATION_LAYERS = ("image_adapter.fc1", "head", "fc")  # searched in this order
 
@@ -56,7 +56,7 @@ def unit_scores(task: Task, params: Params, images: torch.Tensor, layer: str) ->
         return captured[-1].reshape(x.shape[0], -1)
 
     try:
-        with _second_order_attention():
+        with second_order_attention():
             jac = jacrev(lambda x: representation(x).sum(0))(images)  # [F, B, C, H, W]
             with torch.no_grad():
                 r = representation(images)  # [B, F]

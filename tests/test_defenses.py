@@ -13,7 +13,7 @@ from defenses.soteria import Soteria, representation_layer
 from defenses.update import Prune, Quantize, UpdateDP
 from fedsim.config import ConfigError, RunConfig
 from fedsim.flower import as_weights, from_weights
-from fedsim.plugins import defense_names, make_defense
+from fedsim.plugins import attack_names, defense_names, make_defense
 from fedsim.training import local_update
 
 
@@ -147,7 +147,7 @@ def test_make_defense_builds_the_configured_chain():
 ])
 def test_bad_chains_are_refused_naming_the_value_and_the_valid_ones(defense, message):
     with pytest.raises(ConfigError) as err:
-        RunConfig(defense=defense).validate(["dlg"], defense_names())
+        RunConfig(defense=defense).validate(attack_names(), defense_names())
     assert message in str(err.value)
     if "not valid" in message:
         assert "dp-update" in str(err.value) and "soteria" in str(err.value)
@@ -157,7 +157,7 @@ def test_bad_chains_are_refused_naming_the_value_and_the_valid_ones(defense, mes
                                          ("quantize_mode", "random"), ("update_clip", 0.0)])
 def test_bad_defense_parameters_are_refused(field, value):
     with pytest.raises(ConfigError, match=field.replace("_", "-")):
-        RunConfig(**{field: value}).validate(["dlg"], defense_names())
+        RunConfig(**{field: value}).validate(attack_names(), defense_names())
 
 
 @pytest.mark.parametrize("protocol", ["fedsgd", "fedavg"])
