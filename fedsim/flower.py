@@ -64,12 +64,15 @@ def client_update(cfg_json: str, client: int, round_: int, params: dict[str, tor
     return {n: g.detach().cpu() for n, g in update.items()}, len(labels)
 
 
-def make_client_app(cfg: RunConfig) -> ClientApp:
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """The ClientApp for `cfg`, or, without one, for the RunConfig in each message's run config
+    (`flwr run`, see fedsim.app)."""
     app = ClientApp()
-    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    fixed_json = None if cfg is None else json.dumps(cfg.to_dict(), sort_keys=True)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        cfg_json = fixed_json or json.dumps(RunConfig.from_run_config(context.run_config).to_dict(), sort_keys=True)
         client = int(context.node_config["partition-id"])
         round_ = int(msg.content["config"]["server-round"])
         params = msg.content["arrays"].to_torch_state_dict()
@@ -161,15 +164,21 @@ def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = CuriousFedAvg(
-            cfg=cfg, spec=spec, listener=listener,
-            fraction_train=cfg.fraction, fraction_evaluate=0.0,
-            min_train_nodes=clients_per_round(cfg), min_available_nodes=cfg.clients,
-        )
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
-                       evaluate_fn=evaluate_fn)
+        serve(grid, cfg, initial, spec, listener, evaluate_fn)
 
     return app
+
+
+def serve(grid: Grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener: Listener,
+          evaluate_fn=None) -> None:
+    """The curious FedAvg strategy's rounds over the nodes of `grid`."""
+    strategy = CuriousFedAvg(
+        cfg=cfg, spec=spec, listener=listener,
+        fraction_train=cfg.fraction, fraction_evaluate=0.0,
+        min_train_nodes=clients_per_round(cfg), min_available_nodes=cfg.clients,
+    )
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
+                   evaluate_fn=evaluate_fn)
 
 
 def quiet_flower(verbose: bool) -> None:
