@@ -146,14 +146,9 @@ def main() -> None:
                 pair[1].append((recon.images[order], recon.labels[order]))
                 print(f"{setting} {dataset} {obs.client}: PSNR {metrics['psnr']:.2f} dB, label "
                       f"{int(labels[0])} -> {int(recon.labels[0])}, {seconds:.1f}s", flush=True)
-                pd.DataFrame(rows).to_csv(out / "results.csv", index=False)  # partial results survive a kill
+                save_outputs(out, rows, grids, TARGETS[args.part])  # partial results survive a kill
 
     results = pd.DataFrame(rows)
-    for (setting, dataset), (true_row, recon_row, names) in grids.items():
-        cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
-        name = f"grid_{setting.replace(' ', '_').replace('=', '')}_{dataset}.png"
-        save_grid(out / name, [cat(true_row), cat(recon_row)], names)
-    plot(results, out / "psnr.png", TARGETS[args.part])
     for setting, g in results.groupby("setting", sort=False):
         print(f"{setting}: median PSNR {g['psnr'].median():.2f} dB over {len(g)} images "
               f"(digits {g[g.dataset == 'digits']['psnr'].median():.2f}, photos "
@@ -162,6 +157,17 @@ def main() -> None:
               f"{g['label_acc'].mean():.0%}; "
               f"{g['ms_per_iteration'].median():.1f} ms/iteration; target {TARGETS[args.part]:.0f} dB")
     print(f"wrote {out}")
+
+
+def save_outputs(out: Path, rows: list[dict], grids: dict, target: float) -> None:
+    """results.csv, one grid per (setting, dataset) and psnr.png, from the images done so far."""
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+    for (setting, dataset), (true_row, recon_row, names) in grids.items():
+        cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
+        name = f"grid_{setting.replace(' ', '_').replace('=', '')}_{dataset}.png"
+        save_grid(out / name, [cat(true_row), cat(recon_row)], names)
+    plot(results, out / "psnr.png", target)
 
 
 def plot(results: pd.DataFrame, path: Path, target: float) -> None:
