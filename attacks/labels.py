@@ -234,10 +234,26 @@ def ilrg(observation: Observation, task: Task) -> torch.Tensor:
     Exact when examples of one class share their output probabilities (typical of untrained
     networks, the paper's main setting). Needs a trainable bias.
 
-    Departure in step 4: the reference code clips negatives to 0 and zeroes estimates above B;
-    here estimates are clipped to [0, B], so a batch of a single class is not zeroed by an
-    estimate a hair above B. Then, as there, the total is fixed to B on the classes with the
-    largest rounding error.
+    Checked against the reference code (BUAA-CST/iLRG: methods.get_emb, methods.iLRG,
+    utils.post_process_emb): this is its full method, the one its tables report. The low-rank
+    structure of the weight gradient (rank <= B) appears there only in the SVD baseline it
+    compares with (RLG, Dang et al. 2021), not in iLRG's own pipeline; its "simplified"
+    variant assumes the set of present classes is known, which the server does not know.
+
+    Departures: in step 1 the reference clamps the decimal exponent of each ratio dW_j/db_j to
+    +-10 and treats db_j = 0 as 1e-64; here db_j = 0 gives ê_j = 0 and ratios are not clamped
+    (the clamp never binds on the models tested: on digits at batch 16 the largest |ratio| over
+    50 batches is 44 on LeNet, 0.76 on ConvNet). In step 4 the reference clips
+    negatives to 0 and zeroes estimates above B; here estimates are clipped to [0, B], so a
+    batch of a single class is not zeroed by an estimate a hair above B. Then, as there, the
+    total is fixed to B on the classes with the largest rounding error.
+
+    Where it fails: when a present class's db_j is near 0 (its count close to B times its mean
+    probability), ê_j extrapolates far outside the batch's features and p̂_j is wrong; DLG's
+    LeNet, whose U(-0.5, 0.5) classifier gives several classes 10-25 % on every image, hits this
+    at 10 classes and batch 16: its embeddings reach 44 where its sigmoid features lie in (0, 1)
+    (README, "Label recovery"; experiments/label_recovery.py reports
+    min_j |B db_j| per batch, which the server can compute).
     """
     counts, _ = ilrg_counts(observation, task)
     return torch.repeat_interleave(torch.arange(len(counts)), counts)

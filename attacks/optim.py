@@ -82,6 +82,9 @@ def per_restart(fn: Callable, *args: torch.Tensor, vectorise: bool = True):
     """fn(*args[r]) for every restart r, stacked on a leading dimension. With `vectorise`,
     one `vmap` call computes all restarts; otherwise a Python loop (models that cannot be
     vmapped, e.g. peft's LoRA on nn.MultiheadAttention). fn may return a tensor or a tuple."""
+    if len(args[0]) == 1:  # one restart: vmap's batching rules would only add overhead
+        out = fn(*(a[0] for a in args))
+        return tuple(o.unsqueeze(0) for o in out) if isinstance(out, tuple) else out.unsqueeze(0)
     if vectorise:
         return vmap(fn, randomness="different")(*args)
     outs = [fn(*a) for a in zip(*args)]

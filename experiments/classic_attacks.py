@@ -5,14 +5,14 @@ Each image is one client's FedSGD gradient, produced by the real client code pat
 half photo crops (`--dataset photos`). Settings (`--part`):
 - dlg: DLG on the DLG paper's LeNet, labels not given (soft labels optimised).
   Target: median PSNR >= 30 dB over 20 images.
-- ig: Inverting Gradients on fedsim's ConvNet (random init, global average pooling), labels by
-  iDLG's rule, once per value of --restarts. Target: median PSNR >= 18 dB over 20 images at
+- ig: Inverting Gradients on fedsim's ConvNet (random init, classifier on the flattened feature
+  map), labels by iDLG's rule, once per value of --restarts. Target: median PSNR >= 18 dB over 20 images at
   2,000 iterations; R = 8 restarts not worse than R = 1.
 Diagnostics for ig (not issue numbers): `--width W` (fedsim's ConvNet has 32) and
-`--head flat`, a ConvNet whose classifier reads the flattened 8x8 feature map instead of its
-global average (as in Geiping et al.'s ConvNet). These models are not fedsim models, so their
-gradient comes from `Task.gradients` (what a FedSGD client without defense sends), not
-through `client_update`; `--tv` and `--lr` change IG's weights.
+`--head avg`, a ConvNet whose classifier reads the global average of the feature map instead of
+the flattened map (fedsim's ConvNet did until IG on it was found to reach only ~10 dB). These
+models are not fedsim models, so their gradient comes from `Task.gradients` (what a FedSGD
+client without defense sends), not through `client_update`; `--tv` and `--lr` change IG's weights.
 
 Writes results.csv (one row per image and setting; grey_psnr is the PSNR of a uniform grey
 image, the floor a reconstruction must beat), grid_<setting>_<dataset>.png (true images on
@@ -24,9 +24,6 @@ every setting, medians marked), and prints medians and the cost per iteration. R
         --out runs/classic_ig_r1
     PYTHONPATH=. .venv/bin/python experiments/classic_attacks.py --part ig --restarts 8 \\
         --images-per-dataset 3 --out runs/classic_ig_r8
-
-Until `attacks.labels` is merged, a stand-in with iDLG's rule (argmin of the row sums of the
-last layer's weight gradient) is installed for the ig parts.
 """
 
 from __future__ import annotations
@@ -34,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
 
 import matplotlib
@@ -63,47 +58,25 @@ TARGETS = {"dlg": 30.0, "ig": 18.0}
 MODELS = {"dlg": "lenet", "ig": "convnet"}
 
 
-def ensure_label_rule() -> str:
-    """attacks.labels if merged, else a stand-in with iDLG's batch-1 rule only."""
-    try:
-        import attacks.labels  # noqa: F401
-
-        return "attacks.labels"
-    except ImportError:
-        pass
-
-    def recover_labels(name, observation, task):
-        if name != "idlg" or observation.batch_size != 1:
-            raise ValueError(f"the stand-in knows only idlg at batch 1, not {name!r}")
-        grads = observation.gradient()
-        last = [g for g in grads.values() if g.dim() == 2 and g.shape[0] == task.num_classes][-1]
-        return last.sum(1).argmin().view(1)
-
-    module = types.ModuleType("attacks.labels")
-    module.recover_labels, module.LabelStrategyError = recover_labels, ValueError
-    sys.modules["attacks.labels"] = module
-    return "stand-in (iDLG rule)"
-
-
 def convnet_variant(num_classes: int, seed: int, width: int, head: str) -> nn.Module:
-    """fedsim's ConvNet at another width, or with the global average pooling removed so that
-    the classifier sees the whole [4w, 8, 8] feature map (head "flat")."""
+    """fedsim's ConvNet at another width, or with global average pooling before the classifier
+    (head "avg"), which then sees 4w channel means instead of the [4w, 8, 8] feature map."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ConvNet(num_classes, width=width)
-        if head == "flat":
-            model.features[-1] = nn.Identity()
-            model.fc = nn.Linear(model.fc.in_features * 8 * 8, num_classes)
+        if head == "avg":
+            model.features.append(nn.AdaptiveAvgPool2d(1))
+            model.fc = nn.Linear(4 * width, num_classes)
     return model.eval()
 
 
-def observations(part: str, dataset: str, images: int, seed: int, width: int = 32, head: str = "avg"):
+def observations(part: str, dataset: str, images: int, seed: int, width: int = 32, head: str = "flat"):
     """(observation, task, true images, true labels, class names) for each client."""
     cfg = RunConfig(clients=images, model=MODELS[part], peft="full", dataset=dataset, image_size=32, seed=seed)
     data = federated_data(cfg)
     spec = model_spec(cfg, data.private.class_names)
     cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    variant = part == "ig" and (width != 32 or head != "avg")
+    variant = part == "ig" and (width != 32 or head != "flat")
     if variant:
         model = convnet_variant(len(spec["class_names"]), spec["model_seed"], width, head)
         task = Task(model, len(spec["class_names"]), (3, 32, 32))
@@ -135,15 +108,15 @@ def main() -> None:
     parser.add_argument("--tv", type=float, default=1e-4, help="IG's TV weight (paper recipe: 1e-4)")
     parser.add_argument("--lr", type=float, default=0.1, help="IG's Adam learning rate (normalised units)")
     parser.add_argument("--width", type=int, default=32, help="ig diagnostic: ConvNet width (fedsim: 32)")
-    parser.add_argument("--head", default="avg", choices=["avg", "flat"],
-                        help="ig diagnostic: flat = classifier on the flattened feature map")
+    parser.add_argument("--head", default="flat", choices=["flat", "avg"],
+                        help="ig diagnostic: avg = classifier on the global average of the feature map")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/classic_attacks")
     args = parser.parse_args()
     torch.set_num_threads(1)
     iterations = args.iterations or (100 if args.part == "dlg" else 2000)
     restarts = args.restarts or ([1] if args.part == "dlg" else [1, 8])
-    labels_from = ensure_label_rule() if args.part != "dlg" else "optimised (DLG)"
+    labels_from = "iDLG rule (attacks.labels)" if args.part != "dlg" else "optimised (DLG)"
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = MODELS[args.part] if args.part == "dlg" else f"convnet width {args.width} head {args.head}"
@@ -173,14 +146,9 @@ def main() -> None:
                 pair[1].append((recon.images[order], recon.labels[order]))
                 print(f"{setting} {dataset} {obs.client}: PSNR {metrics['psnr']:.2f} dB, label "
                       f"{int(labels[0])} -> {int(recon.labels[0])}, {seconds:.1f}s", flush=True)
-                pd.DataFrame(rows).to_csv(out / "results.csv", index=False)  # partial results survive a kill
+                save_outputs(out, rows, grids, TARGETS[args.part])  # partial results survive a kill
 
     results = pd.DataFrame(rows)
-    for (setting, dataset), (true_row, recon_row, names) in grids.items():
-        cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
-        name = f"grid_{setting.replace(' ', '_').replace('=', '')}_{dataset}.png"
-        save_grid(out / name, [cat(true_row), cat(recon_row)], names)
-    plot(results, out / "psnr.png", TARGETS[args.part])
     for setting, g in results.groupby("setting", sort=False):
         print(f"{setting}: median PSNR {g['psnr'].median():.2f} dB over {len(g)} images "
               f"(digits {g[g.dataset == 'digits']['psnr'].median():.2f}, photos "
@@ -189,6 +157,17 @@ def main() -> None:
               f"{g['label_acc'].mean():.0%}; "
               f"{g['ms_per_iteration'].median():.1f} ms/iteration; target {TARGETS[args.part]:.0f} dB")
     print(f"wrote {out}")
+
+
+def save_outputs(out: Path, rows: list[dict], grids: dict, target: float) -> None:
+    """results.csv, one grid per (setting, dataset) and psnr.png, from the images done so far."""
+    results = pd.DataFrame(rows)
+    results.to_csv(out / "results.csv", index=False)
+    for (setting, dataset), (true_row, recon_row, names) in grids.items():
+        cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
+        name = f"grid_{setting.replace(' ', '_').replace('=', '')}_{dataset}.png"
+        save_grid(out / name, [cat(true_row), cat(recon_row)], names)
+    plot(results, out / "psnr.png", target)
 
 
 def plot(results: pd.DataFrame, path: Path, target: float) -> None:

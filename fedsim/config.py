@@ -216,6 +216,21 @@ class RunConfig:
         return cls.from_dict(data)
 
     @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> "RunConfig":
+        """From Flower's run config (`[tool.flwr.app.config]`, `flwr run --run-config`), whose
+        keys are the `fedsim run` option names (batch-size = --batch-size). Numbers are cast to
+        the field's type (TOML writes lr = 1 as an int)."""
+        types = {f.name: type(f.default) for f in fields(cls)}
+        data = {}
+        for key, value in run_config.items():
+            name = key.replace("-", "_")
+            if name not in types:
+                raise ConfigError(f"unknown run-config key {key!r}; valid: "
+                                  f"{', '.join(sorted(n.replace('_', '-') for n in types))}")
+            data[name] = types[name](value) if types[name] in (int, float) else value
+        return cls(**data)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)

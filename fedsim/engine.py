@@ -23,11 +23,11 @@ CLIENT_ERROR = 1  # Error code on a reply whose ClientApp raised
 class LocalGrid(Grid):
     """A Grid whose nodes are a ClientApp called in this process."""
 
-    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1):
+    def __init__(self, client_app: ClientApp, num_nodes: int, run_id: int = 1, run_config: dict | None = None):
         self.client_app = client_app
         self.contexts = {
             1 + i: Context(run_id=run_id, node_id=1 + i, node_config={"partition-id": i, "num-partitions": num_nodes},
-                           state=RecordDict(), run_config={})
+                           state=RecordDict(), run_config=dict(run_config or {}))
             for i in range(num_nodes)
         }
         self._run = None
@@ -82,8 +82,10 @@ def _task_identity(node_id: int) -> None:
     TaskIdentity.node_id = node_id
 
 
-def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int) -> None:
+def run_inprocess(server_app: ServerApp, client_app: ClientApp, num_nodes: int,
+                  run_config: dict | None = None) -> None:
+    """Every app gets `run_config` as Flower's runtimes pass `[tool.flwr.app.config]`."""
     _task_identity(SERVER_NODE_ID)
-    grid = LocalGrid(client_app, num_nodes, RUN_ID)
+    grid = LocalGrid(client_app, num_nodes, RUN_ID, run_config)
     server_app(grid, Context(run_id=RUN_ID, node_id=SERVER_NODE_ID, node_config={}, state=RecordDict(),
-                             run_config={}))
+                             run_config=dict(run_config or {})))

@@ -24,7 +24,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from fedsim.config import RunConfig
+from fedsim.config import ConfigError, RunConfig
 from fedsim.data import federated_data
 from fedsim.models import build_task, derive_seed, model_spec, resolve_device
 from fedsim.observation import Observation
@@ -77,20 +77,28 @@ def from_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], params: dict[
     return {n: (w - params[n]) * scale for n, w in weights.items()}
 
 
-def make_client_app(cfg: RunConfig) -> ClientApp:
-    defense = make_defense(cfg)
-    app = ClientApp(mods=defense.client_mods())
-    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
+def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+    """The ClientApp for `cfg`, or, without one, for the RunConfig in each message's run config
+    (`flwr run`, see fedsim.app). Flower fixes a ClientApp's mods when it is built, so defenses
+    that work through a Flower mod (flower-dp) need `cfg` here."""
+    app = ClientApp(mods=make_defense(cfg).client_mods() if cfg is not None else [])
+    fixed_json = None if cfg is None else json.dumps(cfg.to_dict(), sort_keys=True)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        run_cfg = cfg or RunConfig.from_run_config(context.run_config)
+        cfg_json = fixed_json or json.dumps(run_cfg.to_dict(), sort_keys=True)
+        defense = make_defense(run_cfg)
+        if cfg is None and defense.client_mods():
+            raise ConfigError(f"--defense {run_cfg.defense} works through a Flower client mod, which "
+                              "`flwr run` cannot install per run; use `fedsim run`")
         client = int(context.node_config["partition-id"])
         round_ = int(msg.content["config"]["server-round"])
         params = msg.content["arrays"].to_torch_state_dict()
         start = time.perf_counter()
         update, n = client_update(cfg_json, client, round_, params)
         if defense.replies_with_weights:
-            update = as_weights(cfg, update, params)
+            update = as_weights(run_cfg, update, params)
         reply = RecordDict({
             UPDATE_KEY: ArrayRecord(update),
             METRICS_KEY: MetricRecord({"num-examples": n, "train-seconds": time.perf_counter() - start}),
@@ -202,15 +210,21 @@ def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        strategy = make_defense(cfg).wrap_strategy(CuriousFedAvg(
-            cfg=cfg, spec=spec, listener=listener,
-            fraction_train=cfg.fraction, fraction_evaluate=0.0,
-            min_train_nodes=clients_per_round(cfg), min_available_nodes=cfg.clients,
-        ))
-        strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
-                       evaluate_fn=evaluate_fn)
+        serve(grid, cfg, initial, spec, listener, evaluate_fn)
 
     return app
+
+
+def serve(grid: Grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener: Listener,
+          evaluate_fn=None) -> None:
+    """The curious FedAvg strategy's rounds over the nodes of `grid`."""
+    strategy = make_defense(cfg).wrap_strategy(CuriousFedAvg(
+        cfg=cfg, spec=spec, listener=listener,
+        fraction_train=cfg.fraction, fraction_evaluate=0.0,
+        min_train_nodes=clients_per_round(cfg), min_available_nodes=cfg.clients,
+    ))
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
+                   evaluate_fn=evaluate_fn)
 
 
 def quiet_flower(verbose: bool) -> None:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedsim.config import RunConfig
 from fedsim.data import FederatedData, federated_data
 from fedsim.evaluate import embedding_similarity, evaluate, lpips_metric
-from fedsim.flower import clients_per_round, make_client_app, make_server_app, quiet_flower
+from fedsim.flower import clients_per_round, make_client_app, make_server_app, quiet_flower, serve
 from fedsim.models import build_task, model_spec, resolve_device
 from fedsim.observation import Observation
 from fedsim.plugins import attack_names, defense_names, make_attack, make_defense
@@ -173,8 +173,10 @@ def prepare_output(cfg: RunConfig) -> Path:
     return out
 
 
-def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -> Path:
-    """Run one configuration end to end; returns the output directory."""
+def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False, grid=None) -> Path:
+    """Run one configuration end to end; returns the output directory. With a Flower `grid`
+    (inside a ServerApp started by `flwr run`, see fedsim.app) the rounds go to its nodes;
+    otherwise `cfg.engine` simulates the clients."""
     console = console or Console()
     cfg.validate(attack_names(), defense_names())
     data = federated_data(cfg)  # checks the batch size against every client's data
@@ -192,8 +194,11 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False) -
     with Progress(*columns, console=console, transient=False) as progress:
         pipeline = AttackPipeline(cfg, data, task, attack, out, progress)
         initial = {n: p.cpu() for n, p in task.trainable().items()}
-        server_app = make_server_app(cfg, initial, spec, pipeline, pipeline.evaluate_global)
-        simulate(cfg, server_app, make_client_app(cfg))
+        if grid is not None:
+            serve(grid, cfg, initial, spec, pipeline, pipeline.evaluate_global)
+        else:
+            server_app = make_server_app(cfg, initial, spec, pipeline, pipeline.evaluate_global)
+            simulate(cfg, server_app, make_client_app(cfg))
     timings = pipeline.timings.as_dict()
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
 
