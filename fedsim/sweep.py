@@ -160,7 +160,7 @@ def _report_spec(report: Any, swept: list[str], source: str) -> dict[str, list[s
     spec = {k: [v] if isinstance(v, str) else list(v) for k, v in report.items()}
     axes = [s for s in swept if s != "seed"]  # seeds are what the median is taken over
     spec.setdefault("rows", axes[:1] or ["attack"])
-    spec.setdefault("columns", axes[1:2])
+    spec.setdefault("columns", [a for a in axes if a not in spec["rows"]][:1])
     spec.setdefault("values", ["psnr", "label_acc"])
     names = {f.name for f in fields(RunConfig)}
     for name in spec["rows"] + spec["columns"]:
@@ -276,6 +276,12 @@ def sweep(grid: Grid, out: Path, address: str | None = None, gpus_per_trial: flo
     if not todo:
         return SweepSummary([], skipped, [], 0.0, 0.0, table.df, {})
 
+    if any(t.config.model == "tiny-clip" and t.config.pretrained == "fedsim" for t in todo):
+        from fedsim.models.pretrain import ensure_pretrained
+
+        # Build the cached checkpoint once here rather than in every first trial at the same time
+        # (the trials share this machine's cache; cluster nodes get it baked into docker's image).
+        ensure_pretrained(console=console)
     start = time.perf_counter()
     started_ray = not ray.is_initialized()
     if started_ray:

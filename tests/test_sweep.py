@@ -3,6 +3,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -148,3 +149,22 @@ def test_a_sweep_killed_midway_resumes_with_only_the_missing_trials(tmp_path, lo
     table = consistent(out, grid.trials)
     assert (table["trial_status"] == "ok").all() and len(table) == 4  # attack none: one row per trial
     assert (table.set_index("trial_id").loc[list(finished), "trial_finished"] == stamps.loc[list(finished)]).all()
+
+
+GRIDS = sorted((Path(__file__).parents[1] / "experiments" / "grids").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", GRIDS, ids=lambda p: p.stem)
+def test_experiment_grids_are_valid(path):
+    from fedsim.plugins import attack_names
+
+    spec = yaml.safe_load(path.read_text())
+    named = {spec.get("base", {}).get("attack"), *spec.get("grid", {}).get("attack", [])} - {None}
+    missing = sorted(named - {"none", *attack_names()})
+    if missing:  # a grid waiting for its attack plugin is refused up front, naming it
+        with pytest.raises(ConfigError, match=f"--attack '{missing[0]}' is not valid"):
+            load_grid(path)
+        pytest.skip(f"needs the attack plugin {missing[0]}, not installed")
+    grid = load_grid(path)
+    assert len(grid.trials) >= 2 and grid.swept
+    assert set(grid.report["rows"] + grid.report["columns"]) <= set(grid.swept)
