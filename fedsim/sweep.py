@@ -274,6 +274,7 @@ def sweep(grid: Grid, out: Path, address: str | None = None, gpus_per_trial: flo
     console.print(f"{len(grid.trials)} trials: {len(skipped)} finished earlier, {len(todo)} to run; table "
                   f"{table.parquet}")
     if not todo:
+        report(grid, table.df, out, console)
         return SweepSummary([], skipped, [], 0.0, 0.0, table.df, {})
 
     if any(t.config.model == "tiny-clip" and t.config.pretrained == "fedsim" for t in todo):
@@ -289,24 +290,39 @@ def sweep(grid: Grid, out: Path, address: str | None = None, gpus_per_trial: flo
         kwargs = {"address": address} if address else {"include_dashboard": False}
         ray.init(**kwargs, runtime_env=env, log_to_driver=False, configure_logging=False)
     ray_start = time.perf_counter() - start
-    gpus = _gpu_request(gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
-    remote = ray.remote(run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus, max_retries=1,
-                                           retry_exceptions=False)
-    console.print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, {ray.cluster_resources().get('GPU', 0):g} "
-                  f"GPUs; each trial asks for {cpus_per_trial:g} CPU and {gpus:g} GPU")
+    try:
+        gpus = _gpu_request(gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
+        console.print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                      f"{ray.cluster_resources().get('GPU', 0):g} GPUs; each trial asks for {cpus_per_trial:g} "
+                      f"CPU and {gpus:g} GPU")
+        remote = ray.remote(run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus, max_retries=1,
+                                               retry_exceptions=False)
+        t0 = time.perf_counter()
+        ran, failed, spans = _run_trials(remote, todo, table, out, cpus_per_trial, max_concurrent, console)
+        wall = time.perf_counter() - t0
+    finally:
+        if started_ray:
+            ray.shutdown()
+    report(grid, table.df, out, console)
+    return SweepSummary(ran, skipped, failed, ray_start, wall, table.df, spans)
+
+
+def _run_trials(remote, todo: list[Trial], table: ResultsTable, out: Path, cpus: float,
+                max_concurrent: int | None, console: Console):
+    """Submit trials (at most max_concurrent in flight) and record each one as it finishes."""
+    import ray
 
     ran, failed, pending, spans = [], [], {}, {}
     queue = list(todo)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    t0 = time.perf_counter()
     try:
         with Progress(*columns, console=console) as progress:
             bar = progress.add_task("trials", total=len(todo))
             while queue or pending:
                 while queue and (max_concurrent is None or len(pending) < max_concurrent):
                     trial = queue.pop(0)
-                    ref = remote.remote({k: v for k, v in trial.config.to_dict().items() if k not in NOT_HASHED},
-                                        str(out / "trials" / trial.id), cpus_per_trial)
+                    config = {k: v for k, v in trial.config.to_dict().items() if k not in NOT_HASHED}
+                    ref = remote.remote(config, str(out / "trials" / trial.id), cpus)
                     pending[ref] = (trial, time.perf_counter())
                 [ref], _ = ray.wait(list(pending), num_returns=1)
                 trial, submitted = pending.pop(ref)
@@ -326,11 +342,7 @@ def sweep(grid: Grid, out: Path, address: str | None = None, gpus_per_trial: flo
     finally:
         for ref in pending:  # interrupted: stop what is still running; the table keeps what finished
             ray.cancel(ref, force=True)
-        if started_ray:
-            ray.shutdown()
-    wall = time.perf_counter() - t0
-    report(grid, table.df, out, console)
-    return SweepSummary(ran, skipped, failed, ray_start, wall, table.df, spans)
+    return ran, failed, spans
 
 
 def _gpu_request(asked: float | None, available: float) -> float:
