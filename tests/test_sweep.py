@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from fedsim.cli import app
 from fedsim.config import ConfigError
-from fedsim.sweep import load_grid, parse_grid, sweep, trial_id
+from fedsim.sweep import ResultsTable, load_grid, parse_grid, sweep, trial_id
 
 # The smallest trial that still runs the whole flow: 2 clients, random-init tiny CLIP, one DLG step.
 TINY = {"clients": 2, "pretrained": "none", "attack": "dlg", "attack_iters": 1}
@@ -64,6 +64,24 @@ def test_grid_crosses_the_list_with_the_product_and_ids_follow_the_config():
     moved = grid.trials[0].config
     moved.out = "/elsewhere"
     assert trial_id(moved) == grid.trials[0].id  # where a trial writes is not part of its identity
+
+
+def test_a_crash_while_writing_leaves_the_previous_table_whole(tmp_path, monkeypatch):
+    first, second = parse_grid({"base": TINY, "grid": {"seed": [0, 1]}}).trials
+    table = ResultsTable(tmp_path)
+    table.add(first, [{"client": 0, "psnr": 12.5}, {"client": 1, "psnr": 13.0}], "ok", None, 1.0)
+
+    def crash(df, path, **kwargs):  # dies halfway through writing the new table
+        Path(path).write_bytes(b"PAR1 half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(pd.DataFrame, "to_parquet", crash)
+    with pytest.raises(OSError):
+        table.add(second, [{"client": 0, "psnr": 9.0}], "ok", None, 1.0)
+    monkeypatch.undo()
+    kept = ResultsTable(tmp_path)  # what a resumed sweep reads
+    assert kept.finished() == {first.id} and kept.df["psnr"].tolist() == [12.5, 13.0]
+    assert pd.read_csv(tmp_path / "results.csv")["psnr"].tolist() == [12.5, 13.0]
 
 
 @pytest.fixture(scope="module")
