@@ -374,7 +374,7 @@ def pivots(df: pd.DataFrame, spec: dict[str, list[str]]) -> dict[str, pd.DataFra
         if value not in ok or ok[value].isna().all():
             continue
         tables[value] = ok.pivot_table(index=spec["rows"], columns=spec["columns"] or None, values=value,
-                                       aggfunc="median", dropna=False)
+                                       aggfunc="median")
     return tables
 
 
