@@ -390,6 +390,11 @@ def report(grid: Grid, df: pd.DataFrame, out: Path, console: Console) -> dict[st
     statuses = df.drop_duplicates("trial_id")["trial_status"].value_counts()
     console.print(f"trials: {statuses.get('ok', 0)} ok, {statuses.get('failed', 0)} failed of {len(ids)}; "
                   f"table {out / 'results.parquet'}")
+    if "status" in df:  # attacks that failed inside a finished trial are left out of the pivots: say so
+        bad = df[df["status"] == "failed"]
+        for error, rows in bad.groupby("error", dropna=False):
+            console.print(f"[yellow]{len(rows)} attacked updates failed[/] ({', '.join(rows['attack'].unique())}): "
+                          f"{error}")
     tables = pivots(df, grid.report)
     for value, table in tables.items():
         table.to_csv(out / f"pivot_{value}.csv")
