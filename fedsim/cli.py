@@ -108,6 +108,31 @@ data_app.command("describe", help="Load a dataset, partition it as `fedsim run` 
                                   "each client's image and class counts and the public split.")(_describe)
 
 
+@app.command("sweep")
+def sweep_grid(
+    grid: Path = typer.Argument(..., help="grid file: base / grid / trials / report (see experiments/README.md)"),
+    address: str = typer.Option(None, help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:PORT; "
+                                           "none = start a local Ray instance"),
+    gpus_per_trial: float = typer.Option(None, help="GPUs each trial asks Ray for; default 1 when the "
+                                                    "cluster has GPUs, else 0"),
+    cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial asks Ray for (and its torch threads)"),
+    max_concurrent: int = typer.Option(None, help="at most this many trials at once; default: as many as "
+                                                  "the cluster's resources allow"),
+    out: Path = typer.Option(None, help="sweep directory; default runs/sweep-<grid file name>. Re-running "
+                                        "with the same one skips finished trials"),
+) -> None:
+    """Run every trial of a grid as a Ray task, one results table (Parquet + CSV), pivots and plots."""
+    from fedsim.sweep import load_grid, sweep
+
+    try:
+        spec = load_grid(grid)
+        sweep(spec, out or Path("runs") / f"sweep-{grid.stem}", address=address, gpus_per_trial=gpus_per_trial,
+              cpus_per_trial=cpus_per_trial, max_concurrent=max_concurrent, console=console)
+    except ConfigError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+
+
 @app.command("list")
 def list_plugins() -> None:
     """List the installed attack and defense plugins."""

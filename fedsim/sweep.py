@@ -1,0 +1,408 @@
+"""`fedsim sweep GRID.yaml`: many runs as Ray tasks, one results table, resumable.
+
+A grid file names RunConfig fields and their values:
+
+    base:   {clients: 3, attack_iters: 20}        # fixed for every trial
+    grid:   {attack: [dlg, ig], seed: [0, 1, 2]}  # Cartesian product
+    trials: [{peft: coop}, {peft: adapter, adapter_ratio: 0.5}]   # explicit list, crossed with the grid
+    report: {rows: [attack], columns: [peft], values: [psnr]}     # optional pivot layout
+
+Design choices (and their cost):
+- One Ray task per trial, not Ray Tune: a trial is one function call that returns rows; Ray tasks
+  give the CPU/GPU request, scheduling over the cluster and failure isolation, and nothing in a
+  sweep needs Tune's searchers, schedulers or its own experiment folders. Resume is ours: the
+  table is keyed by a hash of each trial's resolved config, so re-running the command skips
+  what finished (trials that failed run again).
+- Inside a trial, the simulation runs on the in-process engine (`--engine inprocess`), never a
+  second Ray instance inside the sweep's. Cost: a trial's clients train one after another in
+  its worker, so one trial uses `--cpus-per-trial` cores; the parallelism is across trials,
+  which is where a grid has plenty.
+- The driver alone writes the table (Parquet, with a CSV copy), rewriting it whole after each
+  trial through a temporary file and os.replace, so a crash leaves the previous complete table,
+  never a half-written one. Each trial's own outputs (pictures, observations) go to
+  OUT/trials/<id>/ on the machine that ran it: on a cluster, mount OUT at the same path on
+  every node (docker/compose.yaml does) to see them all in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+import traceback
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import pandas as pd
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fedsim.config import ConfigError, RunConfig
+
+GRID_KEYS = ("base", "grid", "trials", "report")
+SWEEP_OWNED = ("out", "overwrite", "engine")  # set by the sweep for every trial
+NOT_HASHED = ("out", "overwrite")  # where a trial writes does not change what it computes
+TRIAL_COLUMNS = ["trial_id", "trial_status", "trial_error", "trial_seconds", "trial_finished"]
+METRICS = ("psnr", "ssim", "label_acc", "lpips", "accuracy_final", "trial_seconds")
+
+
+@dataclass
+class Trial:
+    id: str
+    config: RunConfig  # resolved: defaults, then base, then the list entry, then the grid point
+
+
+@dataclass
+class Grid:
+    trials: list[Trial]
+    swept: list[str]  # fields whose value differs between trials, in grid-file order
+    report: dict[str, list[str]]
+
+
+# ---------------------------------------------------------------- the grid file
+
+
+def load_grid(path: Path, attacks: list[str] | None = None, defenses: list[str] | None = None) -> Grid:
+    """Parse and check a grid file; every trial's config is validated before any trial runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"grid file {path} does not exist")
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"grid file {path} is not valid YAML: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"grid file {path} must be a mapping with keys {', '.join(GRID_KEYS)}")
+    return parse_grid(spec, attacks, defenses, source=str(path))
+
+
+def parse_grid(spec: dict, attacks: list[str] | None = None, defenses: list[str] | None = None,
+               source: str = "grid") -> Grid:
+    if attacks is None or defenses is None:
+        from fedsim.plugins import attack_names, defense_names
+
+        attacks, defenses = attack_names(), defense_names()
+    unknown = sorted(set(spec) - set(GRID_KEYS))
+    if unknown:
+        raise ConfigError(f"{source}: unknown top-level keys {unknown}; valid: {', '.join(GRID_KEYS)}")
+    base = _fields(spec.get("base") or {}, f"{source}: base")
+    grid = spec.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise ConfigError(f"{source}: grid must map field names to lists of values, got {grid!r}")
+    for name, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{source}: grid.{name} must be a non-empty list of values, got {values!r}")
+        for value in values:
+            _fields({name: value}, f"{source}: grid.{name}")
+    entries = spec.get("trials") or []
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: trials must be a list of mappings, got {entries!r}")
+    entries = [_fields(entry, f"{source}: trials[{i}]") for i, entry in enumerate(entries)]
+    if not grid and not entries:
+        raise ConfigError(f"{source}: the grid is empty; give `grid:` (field: [values, ...]) and/or "
+                          "`trials:` (a list of field: value mappings)")
+
+    trials, seen = [], {}
+    points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    for entry in entries or [{}]:
+        for point in points:
+            cfg = RunConfig(**{**base, **entry, **point, "engine": "inprocess"})
+            where = f"{source}: trial {_describe(entry, point)}"
+            try:
+                cfg.validate(attacks, defenses)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            tid = trial_id(cfg)
+            if tid in seen:
+                raise ConfigError(f"{where} is the same run as trial {seen[tid]}; remove the duplicate")
+            seen[tid] = _describe(entry, point)
+            trials.append(Trial(tid, cfg))
+    swept = [name for name in dict.fromkeys([*(k for e in entries for k in e), *grid])
+             if len({repr(getattr(t.config, name)) for t in trials}) > 1]
+    return Grid(trials, swept, _report_spec(spec.get("report") or {}, swept, source))
+
+
+def _fields(values: Any, where: str) -> dict[str, Any]:
+    """Check names against RunConfig's fields and values against their types."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where} must be a mapping of field: value, got {values!r}")
+    types = get_type_hints(RunConfig)
+    valid = [f.name for f in fields(RunConfig) if f.name not in SWEEP_OWNED]
+    for name, value in values.items():
+        if name in SWEEP_OWNED:
+            raise ConfigError(f"{where}: {name!r} is set by the sweep (trials run in OUT/trials/<id> with "
+                              "the in-process engine); remove it")
+        if name not in types:
+            raise ConfigError(f"{where}: unknown field {name!r}; valid: {', '.join(valid)}")
+        want = types[name]
+        ok = (isinstance(value, bool) if want is bool else
+              isinstance(value, int) and not isinstance(value, bool) if want is int else
+              isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
+              isinstance(value, want))
+        if not ok:
+            raise ConfigError(f"{where}: {name} = {value!r} is a {type(value).__name__}; "
+                              f"{name} takes a {want.__name__}")
+    return {k: float(v) if types[k] is float else v for k, v in values.items()}
+
+
+def _describe(*parts: dict) -> str:
+    merged = {k: v for part in parts for k, v in part.items()}
+    return "{" + ", ".join(f"{k}: {v}" for k, v in merged.items()) + "}"
+
+
+def _report_spec(report: Any, swept: list[str], source: str) -> dict[str, list[str]]:
+    if not isinstance(report, dict) or set(report) - {"rows", "columns", "values"}:
+        raise ConfigError(f"{source}: report takes rows, columns and values (lists of names), got {report!r}")
+    spec = {k: [v] if isinstance(v, str) else list(v) for k, v in report.items()}
+    axes = [s for s in swept if s != "seed"]  # seeds are what the median is taken over
+    spec.setdefault("rows", axes[:1] or ["attack"])
+    spec.setdefault("columns", [a for a in axes if a not in spec["rows"]][:1])
+    spec.setdefault("values", ["psnr", "label_acc"])
+    names = {f.name for f in fields(RunConfig)}
+    for name in spec["rows"] + spec["columns"]:
+        if name not in names:
+            raise ConfigError(f"{source}: report axis {name!r} is not a config field; "
+                              f"valid: {', '.join(sorted(names))}")
+    for name in spec["values"]:
+        if name not in METRICS:
+            raise ConfigError(f"{source}: report value {name!r} is not valid; valid: {', '.join(METRICS)}")
+    return spec
+
+
+def trial_id(cfg: RunConfig) -> str:
+    """A hash of the resolved config: the same trial in a later sweep has the same id."""
+    resolved = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HASHED}
+    return hashlib.sha256(json.dumps(resolved, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- one trial (runs in a Ray worker)
+
+
+def run_trial(config: dict, out: str, cpus: float) -> dict:
+    """One `fedsim run` on the in-process engine; returns its result rows and its own wall time."""
+    import torch
+
+    from fedsim.runner import run
+
+    torch.set_num_threads(max(1, int(cpus)))
+    cfg = RunConfig(**{**config, "out": out, "overwrite": True, "engine": "inprocess"})
+    if cfg.device == "auto":  # Ray assigns GPUs to trials that asked; the others must not touch one
+        import ray
+
+        cfg.device = "cuda" if ray.is_initialized() and ray.get_gpu_ids() else "cpu"
+    start, started = time.perf_counter(), time.time()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open(Path(out) / "log.txt", "w") as log:
+        run(cfg, console=Console(file=log, width=120, force_terminal=False))
+    seconds = time.perf_counter() - start
+    rows = pd.read_csv(Path(out) / "results.csv").to_dict("records")
+    metrics = Path(out) / "metrics.csv"
+    accuracy = float(pd.read_csv(metrics)["accuracy"].iloc[-1]) if metrics.exists() else float("nan")
+    return {"rows": rows, "seconds": seconds, "accuracy_final": accuracy, "span": (started, time.time())}
+
+
+# ---------------------------------------------------------------- the table
+
+
+class ResultsTable:
+    """OUT/results.parquet (and a CSV copy): one row per attacked client update, or one per trial
+    when nothing was attacked; every row carries the trial's id, status and full config."""
+
+    def __init__(self, out: Path):
+        self.parquet, self.csv = out / "results.parquet", out / "results.csv"
+        self.df = pd.read_parquet(self.parquet) if self.parquet.exists() else pd.DataFrame(columns=TRIAL_COLUMNS)
+
+    def finished(self) -> set[str]:
+        return set(self.df.loc[self.df["trial_status"] == "ok", "trial_id"])
+
+    def add(self, trial: Trial, rows: list[dict], status: str, error: str | None, seconds: float,
+            accuracy: float = float("nan")) -> None:
+        config = {k: v for k, v in trial.config.to_dict().items() if k not in NOT_HASHED}
+        stamp = pd.Timestamp.now(tz="UTC")
+        new = pd.DataFrame([{**config, **row, "trial_id": trial.id, "trial_status": status, "trial_error": error,
+                             "trial_seconds": seconds, "trial_finished": stamp, "accuracy_final": accuracy}
+                            for row in rows or [{}]])
+        kept = self.df[self.df["trial_id"] != trial.id]  # a failed trial's earlier rows are replaced
+        self.df = new if kept.empty else pd.concat([kept, new], ignore_index=True)
+        self._write()
+
+    def _write(self) -> None:
+        front = [c for c in TRIAL_COLUMNS if c in self.df]
+        self.df = self.df[front + [c for c in self.df.columns if c not in front]]
+        for path, write in ((self.parquet, lambda p: self.df.to_parquet(p, index=False)),
+                            (self.csv, lambda p: self.df.to_csv(p, index=False))):
+            tmp = path.with_name(path.name + ".tmp")
+            write(tmp)
+            os.replace(tmp, path)  # atomic: readers see the old table or the new one, never half
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+@dataclass
+class SweepSummary:
+    ran: list[str]  # trial ids run this time
+    skipped: list[str]  # finished in an earlier sweep
+    failed: list[str]
+    ray_start_s: float
+    wall_s: float  # first submission to the last row written
+    table: pd.DataFrame
+    spans: dict[str, tuple[float, float]]  # trial id -> (start, end) of its run, epoch seconds (ok trials)
+
+
+def sweep(grid: Grid, out: Path, address: str | None = None, gpus_per_trial: float | None = None,
+          cpus_per_trial: float = 1.0, max_concurrent: int | None = None,
+          console: Console | None = None) -> SweepSummary:
+    """Run the grid's unfinished trials on Ray, appending each one's rows to OUT/results.parquet."""
+    import ray
+
+    console = console or Console()
+    if cpus_per_trial <= 0:
+        raise ConfigError(f"--cpus-per-trial must be > 0, got {cpus_per_trial}")
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    table = ResultsTable(out)
+    done = table.finished()
+    todo = [t for t in grid.trials if t.id not in done]
+    skipped = [t.id for t in grid.trials if t.id in done]
+    console.print(f"{len(grid.trials)} trials: {len(skipped)} finished earlier, {len(todo)} to run; table "
+                  f"{table.parquet}")
+    if not todo:
+        report(grid, table.df, out, console)
+        return SweepSummary([], skipped, [], 0.0, 0.0, table.df, {})
+
+    if any(t.config.model == "tiny-clip" and t.config.pretrained == "fedsim" for t in todo):
+        from fedsim.models.pretrain import ensure_pretrained
+
+        # Build the cached checkpoint once here rather than in every first trial at the same time
+        # (the trials share this machine's cache; cluster nodes get it baked into docker's image).
+        ensure_pretrained(console=console)
+    start = time.perf_counter()
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        env = {"env_vars": {"FLWR_TELEMETRY_ENABLED": "0"}}
+        kwargs = {"address": address} if address else {"include_dashboard": False}
+        ray.init(**kwargs, runtime_env=env, log_to_driver=False, configure_logging=False)
+    ray_start = time.perf_counter() - start
+    try:
+        gpus = _gpu_request(gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
+        console.print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
+                      f"{ray.cluster_resources().get('GPU', 0):g} GPUs; each trial asks for {cpus_per_trial:g} "
+                      f"CPU and {gpus:g} GPU")
+        remote = ray.remote(run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus, max_retries=1,
+                                               retry_exceptions=False)
+        t0 = time.perf_counter()
+        ran, failed, spans = _run_trials(remote, todo, table, out, cpus_per_trial, max_concurrent, console)
+        wall = time.perf_counter() - t0
+    finally:
+        if started_ray:
+            ray.shutdown()
+    report(grid, table.df, out, console)
+    return SweepSummary(ran, skipped, failed, ray_start, wall, table.df, spans)
+
+
+def _run_trials(remote, todo: list[Trial], table: ResultsTable, out: Path, cpus: float,
+                max_concurrent: int | None, console: Console):
+    """Submit trials (at most max_concurrent in flight) and record each one as it finishes."""
+    import ray
+
+    ran, failed, pending, spans = [], [], {}, {}
+    queue = list(todo)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=console) as progress:
+            bar = progress.add_task("trials", total=len(todo))
+            while queue or pending:
+                while queue and (max_concurrent is None or len(pending) < max_concurrent):
+                    trial = queue.pop(0)
+                    config = {k: v for k, v in trial.config.to_dict().items() if k not in NOT_HASHED}
+                    ref = remote.remote(config, str(out / "trials" / trial.id), cpus)
+                    pending[ref] = (trial, time.perf_counter())
+                [ref], _ = ray.wait(list(pending), num_returns=1)
+                trial, submitted = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                    table.add(trial, result["rows"], "ok", None, result["seconds"], result["accuracy_final"])
+                    spans[trial.id] = result["span"]
+                except Exception as exc:  # a failed trial is a row in the table; the sweep goes on
+                    error = _error_text(exc)
+                    with (out / "errors.log").open("a") as log:
+                        log.write(f"trial {trial.id}\n{traceback.format_exc()}\n")
+                    table.add(trial, [], "failed", error, time.perf_counter() - submitted)
+                    failed.append(trial.id)
+                    progress.console.print(f"[red]trial {trial.id} failed:[/] {error}")
+                ran.append(trial.id)
+                progress.advance(bar)
+    finally:
+        for ref in pending:  # interrupted: stop what is still running; the table keeps what finished
+            ray.cancel(ref, force=True)
+    return ran, failed, spans
+
+
+def _gpu_request(asked: float | None, available: float) -> float:
+    """GPUs only where the cluster has them: a GPU request on a CPU-only cluster would wait forever."""
+    if asked is None:
+        return 1.0 if available else 0.0
+    if asked < 0:
+        raise ConfigError(f"--gpus-per-trial must be >= 0, got {asked}")
+    if asked > 0 and not available:
+        raise ConfigError(f"--gpus-per-trial {asked:g} but the Ray cluster has no GPUs; valid here: 0")
+    return asked
+
+
+def _error_text(exc: Exception) -> str:
+    cause = getattr(exc, "cause", None) or exc  # RayTaskError wraps the trial's own exception
+    return f"{type(cause).__name__}: {cause}".strip()
+
+
+# ---------------------------------------------------------------- the report
+
+
+def pivots(df: pd.DataFrame, spec: dict[str, list[str]]) -> dict[str, pd.DataFrame]:
+    """Median of each value over the rest (seeds, clients, rounds) by rows x columns; ok rows only."""
+    ok = df[df["trial_status"] == "ok"]
+    if "status" in ok:
+        ok = ok[ok["status"].isna() | (ok["status"] == "ok")]
+    tables = {}
+    for value in spec["values"]:
+        if value not in ok or ok[value].isna().all():
+            continue
+        tables[value] = ok.pivot_table(index=spec["rows"], columns=spec["columns"] or None, values=value,
+                                       aggfunc="median")
+    return tables
+
+
+def report(grid: Grid, df: pd.DataFrame, out: Path, console: Console) -> dict[str, pd.DataFrame]:
+    """Print and save pivot tables (pivot_<value>.csv) and a bar chart of each (pivot_<value>.png)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ids = {t.id for t in grid.trials}
+    df = df[df["trial_id"].isin(ids)]  # this grid's trials only
+    statuses = df.drop_duplicates("trial_id")["trial_status"].value_counts()
+    console.print(f"trials: {statuses.get('ok', 0)} ok, {statuses.get('failed', 0)} failed of {len(ids)}; "
+                  f"table {out / 'results.parquet'}")
+    if "status" in df:  # attacks that failed inside a finished trial are left out of the pivots: say so
+        bad = df[df["status"] == "failed"]
+        for error, rows in bad.groupby("error", dropna=False):
+            console.print(f"[yellow]{len(rows)} attacked updates failed[/] ({', '.join(rows['attack'].unique())}): "
+                          f"{error}")
+    tables = pivots(df, grid.report)
+    for value, table in tables.items():
+        table.to_csv(out / f"pivot_{value}.csv")
+        console.print(f"\n[bold]median {value}[/] by {' x '.join(grid.report['rows'] + grid.report['columns'])}")
+        console.print(table.round(3).to_string())
+        ax = table.plot.bar(figsize=(max(4, 1 + 0.8 * len(table)), 3.5), rot=0, legend=bool(grid.report["columns"]))
+        ax.set_ylabel(f"median {value}")
+        ax.figure.tight_layout()
+        ax.figure.savefig(out / f"pivot_{value}.png", dpi=100)
+        plt.close(ax.figure)
+    return tables
