@@ -135,7 +135,7 @@ def learned_prior(kind: str, encoder: nn.Module, encode, public_images: torch.Te
         return decoder.eval()
     with torch.no_grad():
         z = torch.cat([encode(chunk) for chunk in images.split(256)]).cpu()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(0)
         decoder = _new(kind, dim, image_shape, len(images))
         decoder.fit(z, images.cpu(), progress=progress)

@@ -123,8 +123,9 @@ class MIP(Attack):
         if self.prior == "tv":
             start = self.public_images.mean(0, keepdim=True).expand(len(targets), -1, -1, -1).to(task.device)
         else:
+            decoder = self.decoder(task)  # trained on first use, outside no_grad
             with torch.no_grad():
-                start = self.decoder(task)(targets)
+                start = decoder(targets)
         if self.iterations == 0:
             return start, {}
         gen = torch.Generator().manual_seed(self.seed)
