@@ -8,7 +8,7 @@ attack may pass its own parameter tensors and differentiate through the gradient
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -119,6 +119,16 @@ class Task:
             return vmap(grad(one), in_dims=(None, 0, 0), randomness="different")(params, images, labels)
 
 
+@contextmanager
 def second_order_attention():
-    # The fused scaled-dot-product-attention kernels have no double backward on CPU.
-    return sdpa_kernel(SDPBackend.MATH)
+    """Attention that torch.func and double backward can differentiate: the fused
+    scaled-dot-product kernels have no double backward on CPU, and nn.MultiheadAttention's
+    inference fast path (which it takes inside torch.func, where no tensor "requires grad")
+    has no derivative at all."""
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)

@@ -143,3 +143,15 @@ def test_chunked_jacobian_matches_autograd(inputs, outputs):
 
     x = torch.randn(inputs, dtype=torch.double)
     assert torch.allclose(_jacobian(fn, x, outputs, chunk=2), jacrev(fn)(x).view(outputs, inputs))
+
+
+def test_gradient_matching_differentiates_through_the_text_tower():
+    """torch.func would otherwise send nn.MultiheadAttention down its inference fast path,
+    which has no derivative (IG on CoOp failed with exactly that)."""
+    from attacks.ig import InvertingGradients
+
+    cfg, data, spec, task = setup("coop", pretrained="none")
+    obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
+    recon = InvertingGradients(iterations=2, restarts=2).reconstruct(obs, task)
+    assert recon.images.shape == (1, 3, 32, 32) and torch.isfinite(torch.tensor(recon.extras["restart_losses"])).all()
+    assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
