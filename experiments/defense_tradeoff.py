@@ -116,6 +116,7 @@ def main() -> None:
     parser.add_argument("--attacks", default="dlg,ig", help="comma-separated attack plugins")
     parser.add_argument("--defenses", default=",".join(GRID), help=f"comma-separated, from {', '.join(GRID)}")
     parser.add_argument("--model", default="lenet")
+    parser.add_argument("--peft", default="", help="PEFT method (default: full for classic models, coop for CLIP)")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--images", type=int, default=4, help="attacked updates (clients) per setting")
     parser.add_argument("--attack-iters", default="30", help="iterations of every attack (30), or per attack "
@@ -148,7 +149,7 @@ def main() -> None:
         iters.update({name: int(value)} if name else {a: int(value) for a in attacks})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    peft = "full" if args.model in ("lenet", "convnet", "resnet18") else "coop"
+    peft = args.peft or ("full" if args.model in ("lenet", "convnet", "resnet18") else "coop")
     base = RunConfig(model=args.model, peft=peft, dataset=args.dataset, batch_size=1, seed=args.seed,
                      clients=max(args.images, 4))
     rows, summary, done = [], [], set()
