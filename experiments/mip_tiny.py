@@ -12,7 +12,7 @@ every image scored here is one the decoders never saw. Parts (`--part`):
 - images: digits, batch 1 (`--images`, default 20), coop and adapter: MIP against the ceiling
   (the same inversion from the true embedding) under each prior (conv, ridge, tv), with
   `--iterations` refinement steps (0 = the decoder's output as is). Targets: MIP within 0.5 dB
-  of the ceiling; conv prior: adapter >= 20 dB, SSIM >= 0.75, identifiability >= 80 %; coop
+  of the ceiling; learned prior: adapter >= 20 dB, SSIM >= 0.75, identifiability >= 80 %; coop
   >= 16 dB, SSIM >= 0.55.
 - peft: the same images attacked under every PEFT method (coop, adapter, text-adapter,
   double-adapter, lora, vpt); lora (image tower) and vpt take MIP's gradient-matching route,
@@ -20,8 +20,9 @@ every image scored here is one the decoders never saw. Parts (`--part`):
 
 Writes <out>/<part>.csv, grids (true images on top, reconstructions below) and prints medians.
 
-    PYTHONPATH=. .venv/bin/python experiments/mip_tiny.py --part recovery --out runs/mip
-    PYTHONPATH=. .venv/bin/python experiments/mip_tiny.py --part images --out runs/mip
+    PYTHONPATH=. .venv/bin/python experiments/mip_tiny.py --part recovery --images 30 --batches 10 --out runs/mip
+    PYTHONPATH=. .venv/bin/python experiments/mip_tiny.py --part images --iterations 100 --out runs/mip
+    PYTHONPATH=. .venv/bin/python experiments/mip_tiny.py --part peft --iterations 100 --out runs/mip
 """
 
 from __future__ import annotations
