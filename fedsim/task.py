@@ -86,6 +86,12 @@ class Task:
         what forward hooks recorded); then the result is (gradients, aux()). Values read inside
         the forward must leave through it: tensors escaping `torch.func.grad` otherwise are not
         valid outside it."""
+        if not getattr(self.model, "supports_vmap", True):
+            # peft merges LoRA into nn.MultiheadAttention's weights in place, which torch.func
+            # refuses: plain autograd with a graph gives the same differentiable gradients.
+            grads = self.gradients(params, images, targets, create_graph=True)
+            return grads if aux is None else (grads, aux())
+
         def loss(p):
             value = self.loss(p, images, targets)
             return value, aux()

@@ -155,3 +155,12 @@ def test_gradient_matching_differentiates_through_the_text_tower():
     recon = InvertingGradients(iterations=2, restarts=2).reconstruct(obs, task)
     assert recon.images.shape == (1, 3, 32, 32) and torch.isfinite(torch.tensor(recon.extras["restart_losses"])).all()
     assert torch.backends.mha.get_fastpath_enabled()  # restored afterwards
+
+
+def test_mip_attacks_lora_on_nn_multihead_attention():
+    """peft's LoRA on nn.MultiheadAttention cannot run inside torch.func; the tower route falls
+    back to plain autograd."""
+    cfg, data, spec, task = setup("lora", pretrained="none", attack="mip", attack_iters=2)
+    obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
+    recon = MIP.from_config(cfg).reconstruct(obs, task)
+    assert recon.extras["route"] == "tower" and torch.isfinite(recon.images).all()
