@@ -10,14 +10,15 @@ through its unit-norm embedding z_i, and the gradient of the class text features
 
 so the observed gradient is g = J^T vec(G), with J = dT/dtheta the text side's Jacobian at the
 global parameters: the same for every client of a round, computed once (`TextJacobian`).
-G is rank B. We fit it from g by alternating least squares over E [B, C] and Z [B, k], with Z
-in the span of the public split's leading embedding directions when the system would
-otherwise be under-determined (k chosen so that B (C + k) <= P / 2). The labels follow from G:
-at batch 1 the class whose coefficient has the odd sign; at batch B the B classes whose rows
-point most against the public mean embedding (sum_i e_ic z_i . mu is negative for present
-classes, since e_ic < 0 only at the label and z_i . mu > 0). Each z_i starts as -G[y_i]
-(that row is dominated by -(1 - p) z_i) and is refined on the exact model by Levenberg-
-Marquardt, with the labels fixed: min_Z ||J^T vec(G(Z)) - g||^2.
+J has fewer rows than G has entries for CoOp (256 against 640 on the tiny CLIP), so G cannot be
+read back directly; the embeddings are fitted on the exact model instead, from good starts:
+- every (public embedding, label) pair is an "atom", the gradient one such example would
+  induce; at batch 1 the atoms best aligned with g are the starts, at batch B a greedy
+  pursuit picks B atoms whose non-negative combination explains g;
+- when J^T is injective (a text adapter: 2,048 rows), G comes back by least squares, and its
+  largest row -(1 - p_y) z gives the label and a start directly;
+- each start's embeddings are refined by Levenberg-Marquardt, labels fixed:
+  min_Z ||J^T vec(G(Z)) - g||^2, and the lowest residual wins (its labels are the answer).
 
 Image head (CLIP-Adapter's first layer, a linear probe). The weight W that multiplies the image
 tower's output f_i has gradient sum_i a_i f_i^T: rank one at batch 1, so f comes back exactly
@@ -61,7 +62,6 @@ class TextJacobian:
                 self.matrix = _jacobian(text_of, flat, C * D, chunk).view(C, D, -1)  # [C, D, P]
         finally:
             model.float()
-        self.sizes = sizes
 
     def apply(self, G: torch.Tensor) -> torch.Tensor:
         """J^T vec(G): the parameter gradient that a text-feature gradient G [C, D] induces."""
