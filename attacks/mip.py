@@ -21,9 +21,10 @@ Departures, all ours where the paper is silent: the embedding fit (scoring publi
 as starting points, Levenberg-Marquardt on the exact model), the decoders' architecture, the
 tower-size rule. Visual-side PEFT (VPT, LoRA on the image tower, full fine-tuning) changes the
 tower itself, so steps 1-2 do not apply: those updates are attacked by gradient matching
-through the image tower (the Inverting Gradients objective, `attacks.ig`) with joint soft labels.
-Batches larger than one are supported on both routes, but at batch 4 with a pre-trained tiny
-CLIP the CoOp gradient does not pin the labels down (see the MIP experiment's notes).
+through the image tower (the Inverting Gradients objective, `attacks.ig`) with joint soft labels;
+on the tiny CLIP that route does not recover the images (README, MIP). Batches larger than one
+run on every route, but at batch 4 the CoOp gradient of the pre-trained tiny CLIP does not pin
+the labels down (README, MIP).
 """
 
 from __future__ import annotations
@@ -41,9 +42,6 @@ from fedsim.config import ConfigError
 from fedsim.models.peft import CLIPClassifier
 from fedsim.observation import Observation
 from fedsim.task import Task
-
-ROUTES = ("head", "text", "tower")
-
 
 def route_of(task: Task, names: list[str]) -> str:
     """Which of MIP's routes an update takes (see the module docstring)."""
