@@ -28,9 +28,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from fedsim.config import MIP_PRIORS
-
-PRIORS = MIP_PRIORS
+LEARNED_PRIORS = ("ridge", "conv")  # --mip-prior's other value, tv, needs no decoder
 VERSION = 2
 
 
@@ -121,8 +119,8 @@ def learned_prior(kind: str, encoder: nn.Module, encode, public_images: torch.Te
                   progress=None) -> nn.Module:
     """The decoder of `kind` for this image tower and public split: loaded from the cache, or
     trained (and cached). `encode` maps images in [0, 1] to unit-norm tower outputs."""
-    if kind not in PRIORS[:2]:
-        raise ValueError(f"unknown learned prior {kind!r}; valid: {', '.join(PRIORS[:2])}")
+    if kind not in LEARNED_PRIORS:
+        raise ValueError(f"unknown learned prior {kind!r}; valid: {', '.join(LEARNED_PRIORS)}")
     image_shape = tuple(public_images.shape[1:])
     tower = fingerprint(*[p for p in encoder.state_dict().values() if p.is_floating_point()],
                         extra=f"{kind}-v{VERSION}-{image_shape}")

@@ -195,7 +195,6 @@ def head_side(task: Task, params: Params, update: Params, batch: int, weight_nam
     weight that multiplies the tower's output (CLIP-Adapter's first layer, a linear probe)."""
     W = update[weight_name].double()
     _, S, Vh = torch.linalg.svd(W, full_matrices=False)
-    target = {n: g for n, g in update.items()}
     C = task.num_classes
     head = grad(task.head_loss)
     if batch == 1:
@@ -203,11 +202,11 @@ def head_side(task: Task, params: Params, update: Params, batch: int, weight_nam
         for sign, label in itertools.product((1.0, -1.0), range(C)):
             f = (sign * Vh[0]).float().view(1, -1)
             y = torch.tensor([label])
-            candidates.append((float(cosine_distance(head(params, f, y), target)), sign, label))
+            candidates.append((float(cosine_distance(head(params, f, y), update)), sign, label))
         loss, sign, label = min(candidates)
         return (torch.tensor([label]), (sign * Vh[0]).float().view(1, -1),
                 {"gradient_loss": loss, "rank_gap": float(S[1] / S[0]) if len(S) > 1 else 0.0})
-    return _fit_head_batch(task, params, target, Vh[:batch].float(), batch, iterations, restarts, generator)
+    return _fit_head_batch(task, params, update, Vh[:batch].float(), batch, iterations, restarts, generator)
 
 
 def _fit_head_batch(task, params, target, span, batch, iterations, restarts, generator):
@@ -227,15 +226,13 @@ def _fit_head_batch(task, params, target, span, batch, iterations, restarts, gen
         with torch.no_grad():
             labels = logits.argmax(-1)
             f = coef @ span
-            hard = float(_head_match(task, params, target, f, labels, create_graph=False))
+            hard = float(_head_match(task, params, target, f, labels))
         if best is None or hard < best[0]:
             best = (hard, labels.detach(), f.detach())
     return best[1], best[2], {"gradient_loss": best[0]}
 
 
-def _head_match(task, params, target, features, targets, create_graph=True):
-    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    with torch.enable_grad():
-        loss = task.head_loss(leaves, features, targets)
-        grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
-    return cosine_distance(dict(zip(leaves, grads)), target)
+def _head_match(task, params, target, features, targets):
+    """Cosine distance between the head's gradient for these features and the observed one;
+    differentiable w.r.t. the features (torch.func.grad composes with autograd)."""
+    return cosine_distance(grad(task.head_loss)(params, features, targets), target)

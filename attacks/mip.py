@@ -35,13 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from attacks.base import Attack, Reconstruction, observed
-from attacks.decoders import PRIORS, fingerprint, learned_prior
+from attacks.decoders import fingerprint, learned_prior
 from attacks.embeddings import TextJacobian, head_side, text_side
 from attacks.encoder_inversion import invert_tower
-from fedsim.config import ConfigError
+from fedsim.config import MIP_PRIORS, ConfigError
 from fedsim.models.peft import CLIPClassifier
 from fedsim.observation import Observation
 from fedsim.task import Task
+
 
 def route_of(task: Task, names: list[str]) -> str:
     """Which of MIP's routes an update takes (see the module docstring)."""
@@ -61,11 +62,11 @@ class MIP(Attack):
                  prior: str = "ridge", public_images: torch.Tensor | None = None, tv: float = 1e-2,
                  lr: float = 0.05, anchor: float = 1.0):
         super().__init__(iterations, restarts, seed, progress)
-        if prior not in PRIORS:
-            raise ConfigError(f"--mip-prior {prior!r} is not valid; valid: {', '.join(PRIORS)}")
+        if prior not in MIP_PRIORS:
+            raise ConfigError(f"--mip-prior {prior!r} is not valid; valid: {', '.join(MIP_PRIORS)}")
         self.prior, self.public_images, self.tv, self.lr, self.anchor = prior, public_images, tv, lr, anchor
         self._decoder = None
-        self._jacobian: tuple[str, TextJacobian] | None = None
+        self._round: tuple[str, TextJacobian, torch.Tensor] | None = None
 
     @classmethod
     def from_config(cls, cfg, progress=None) -> "MIP":
@@ -92,11 +93,16 @@ class MIP(Attack):
                                           self.public_images.to(task.device), dim).to(task.device)
         return self._decoder
 
-    def jacobian(self, task: Task, params, names) -> TextJacobian:
+    def round_state(self, task: Task, params, names) -> tuple[TextJacobian, torch.Tensor]:
+        """The text Jacobian and the public images' embeddings at these global parameters:
+        the same for every client of a round, so computed once per round."""
         key = fingerprint(*[params[n] for n in names])
-        if self._jacobian is None or self._jacobian[0] != key:
-            self._jacobian = (key, TextJacobian(task, params, names))
-        return self._jacobian[1]
+        if self._round is None or self._round[0] != key:
+            with torch.no_grad():
+                public = torch.cat([task.embeddings(params, x.to(task.device))
+                                    for x in self.public_images.split(256)]).cpu()
+            self._round = (key, TextJacobian(task, params, names), public)
+        return self._round[1], self._round[2]
 
     def recover_embeddings(self, observation: Observation, task: Task):
         """(labels [B], tower-output directions [B, D], diagnostics), or None on the tower route."""
@@ -107,10 +113,8 @@ class MIP(Attack):
         if route == "head":
             labels, features, info = head_side(task, params, update, B, task.model.feature_weight, generator=gen)
         elif route == "text":
-            with torch.no_grad():
-                public = torch.cat([task.embeddings(params, x.to(task.device)) for x in self.public_images.split(256)])
-            labels, features, info = text_side(task, params, update, B, public.cpu(),
-                                               jacobian=self.jacobian(task, params, list(update)))
+            jacobian, public = self.round_state(task, params, list(update))
+            labels, features, info = text_side(task, params, update, B, public, jacobian=jacobian)
         else:
             return None
         return labels, features.to(task.device), {"route": route, **info}

@@ -40,7 +40,7 @@ from attacks.mip import MIP
 from defenses.base import Defense
 from fedsim.config import RunConfig
 from fedsim.data import federated_data
-from fedsim.evaluate import embedding_similarity, evaluate
+from fedsim.evaluate import embedding_similarity, evaluate, mean_embedding
 from fedsim.models import build_task, model_spec
 from fedsim.observation import Observation
 from fedsim.report import save_grid
@@ -83,6 +83,7 @@ def part_recovery(args, out: Path) -> pd.DataFrame:
     for peft, batch, n, distinct in runs:
         cfg, data, spec, task = setting(peft, "digits", args.seed)
         attack = MIP.from_config(cfg)
+        centre = mean_embedding(task, task.trainable(), data.public.images[:256])
         start = time.perf_counter()
         for k, idx in enumerate(batches(data, n, batch, args.seed + batch, distinct)):
             obs, images, labels = observe(cfg, spec, task, data, idx, k)
@@ -94,7 +95,7 @@ def part_recovery(args, out: Path) -> pd.DataFrame:
                 emb = task.embeddings(params, features=features)
                 true = task.embeddings(params, images)
             order = _match_embeddings(emb, true)
-            sim = embedding_similarity(task, params, emb[order], images, data.public.images[:256])
+            sim = embedding_similarity(task, params, emb[order], images, centre)
             exact = sorted(recovered_labels.tolist()) == sorted(labels.tolist())
             rows.append({"peft": peft, "batch": batch, "index": k, "labels": labels.tolist(),
                          "recovered": recovered_labels.tolist(), "labels_exact": exact, **sim,
@@ -104,7 +105,6 @@ def part_recovery(args, out: Path) -> pd.DataFrame:
         print(f"  {peft} b{batch}: {time.perf_counter() - start:.0f}s", flush=True)
         with torch.no_grad():  # the cross-image baseline: different images' centred cosine
             true = task.embeddings(task.trainable(), data.private.images[:200])
-            centre = task.embeddings(task.trainable(), data.public.images[:256]).mean(0)
             c = F.normalize(true - centre, dim=-1)
             off = (c @ c.T)[~torch.eye(len(c), dtype=torch.bool)]
         rows[-1]["baseline_centred"] = float(off.mean())
@@ -173,6 +173,7 @@ def part_peft(args, out: Path) -> pd.DataFrame:
     for peft in ALL_PEFT:
         cfg, data, spec, task = setting(peft, "digits", args.seed)
         attack = MIP(iterations=args.iterations, seed=args.seed, public_images=data.public.images)
+        centre = mean_embedding(task, task.trainable(), data.public.images[:256])
         for k, idx in enumerate(batches(data, args.images, 1, args.seed, False)):
             obs, images, labels = observe(cfg, spec, task, data, idx, k)
             t0 = time.perf_counter()
@@ -180,7 +181,7 @@ def part_peft(args, out: Path) -> pd.DataFrame:
             metrics, order = evaluate(recon.images, recon.labels, images, labels, data.public.images[:256])
             if "embeddings" in recon.extras:
                 metrics.update(embedding_similarity(task, task.trainable(), recon.extras["embeddings"][order],
-                                                    images, data.public.images[:256]))
+                                                    images, centre))
             rows.append({"peft": peft, "route": recon.extras.get("route"), "index": k, **metrics,
                          "seconds": time.perf_counter() - t0})
             grid = grids.setdefault(peft, ([], []))

@@ -23,7 +23,7 @@ CLIP_PEFT = ("coop", "adapter", "text-adapter", "double-adapter", "lora", "vpt",
 DEVICES = ("auto", "cpu", "cuda")
 PROTOCOLS = ("fedsgd", "fedavg")
 LABEL_STRATEGIES = ("idlg", "gradinversion", "llg", "ilrg")
-MIP_PRIORS = ("ridge", "conv", "tv")  # attacks.decoders.PRIORS; config imports no attack code
+MIP_PRIORS = ("ridge", "conv", "tv")  # attacks.decoders.LEARNED_PRIORS + tv; config imports no attack code
 ENGINES = ("ray", "inprocess")
 
 

@@ -131,15 +131,19 @@ def evaluate(recon_images: torch.Tensor, recon_labels: torch.Tensor,
 
 
 @torch.no_grad()
+def mean_embedding(task, params, images: torch.Tensor) -> torch.Tensor:
+    """The mean image embedding [D] of `images` (e.g. the public gallery) under `params`."""
+    return task.embeddings(params, images.to(task.device)).float().cpu().mean(0)
+
+
+@torch.no_grad()
 def embedding_similarity(task, params, recovered: torch.Tensor, true_images: torch.Tensor,
-                         public_images: torch.Tensor) -> dict[str, float]:
+                         centre: torch.Tensor) -> dict[str, float]:
     """Mean cosine between recovered image embeddings [B, D] (already in the true images'
     order) and the true images' embeddings under the same model and parameters; also centred
-    on the public images' mean embedding, which removes what all images share (raw CLIP
-    embeddings of unrelated images are far from orthogonal)."""
-    device = task.device
-    true = task.embeddings(params, true_images.to(device)).float().cpu()
-    centre = task.embeddings(params, public_images.to(device)).float().cpu().mean(0)
+    on `centre`, the public images' mean embedding (`mean_embedding`), which removes what all
+    images share (raw CLIP embeddings of unrelated images are far from orthogonal)."""
+    true = task.embeddings(params, true_images.to(task.device)).float().cpu()
     recovered = recovered.float().cpu()
     cos = torch.nn.functional.cosine_similarity
     return {"emb_cos": float(cos(recovered, true, dim=-1).mean()),

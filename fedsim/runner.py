@@ -23,7 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedsim.config import RunConfig
 from fedsim.data import FederatedData, federated_data
-from fedsim.evaluate import embedding_similarity, evaluate, lpips_metric
+from fedsim.evaluate import embedding_similarity, evaluate, lpips_metric, mean_embedding
 from fedsim.flower import clients_per_round, make_client_app, make_server_app, quiet_flower, serve
 from fedsim.models import build_task, model_spec, resolve_device
 from fedsim.observation import Observation
@@ -65,6 +65,7 @@ class AttackPipeline:
             attack.progress = self._attack_progress
         self.writer = ResultsWriter(out / "results.csv")
         self.gallery = data.public.images[:GALLERY_SIZE]  # public images a reconstruction must stand out from
+        self._centre: tuple[int, torch.Tensor] | None = None  # (round, gallery's mean embedding)
         self.defense = make_defense(cfg)
         (out / "metrics.csv").unlink(missing_ok=True)  # rows are appended per round: start afresh on --overwrite
         self.client_sizes = [len(idx) for idx in data.client_indices]
@@ -122,6 +123,12 @@ class AttackPipeline:
         parts = [client_examples(self.cfg, self.data, obs.round, c) for c in (obs.clients or (obs.client,))]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
+    def gallery_centre(self, round_: int, params) -> torch.Tensor:
+        """The gallery's mean embedding under a round's global parameters, once per round."""
+        if self._centre is None or self._centre[0] != round_:
+            self._centre = (round_, mean_embedding(self.task, params, self.gallery))
+        return self._centre[1]
+
     def _attack(self, obs: Observation, tag: str) -> dict:
         start = time.perf_counter()
         try:
@@ -135,7 +142,7 @@ class AttackPipeline:
             if "embeddings" in recon.extras:  # MIP: how close the recovered embeddings came
                 params = {n: t.to(self.task.device) for n, t in obs.global_params.items()}
                 metrics.update(embedding_similarity(self.task, params, recon.extras["embeddings"][order],
-                                                    true_images, self.gallery))
+                                                    true_images, self.gallery_centre(obs.round, params)))
             result = {**metrics, "gradient_loss": recon.extras.get("gradient_loss"),
                       "prior": recon.extras.get("prior"), "status": "ok"}
         except Exception as exc:  # one failed attack must not lose the run: record it and go on
