@@ -21,10 +21,12 @@ Departures, all ours where the paper is silent: the embedding fit (scoring publi
 as starting points, Levenberg-Marquardt on the exact model), the decoders' architecture, the
 tower-size rule. Visual-side PEFT (VPT, LoRA on the image tower, full fine-tuning) changes the
 tower itself, so steps 1-2 do not apply: those updates are attacked by gradient matching
-through the image tower (the Inverting Gradients objective, `attacks.ig`) with joint soft labels;
-on the tiny CLIP that route does not recover the images (README, MIP). Batches larger than one
-run on every route, but at batch 4 the CoOp gradient of the pre-trained tiny CLIP does not pin
-the labels down (README, MIP).
+through the image tower, under a learned prior over blends of public images whose labels and
+weights fit the update (`attacks.tower_side`; the prior column says "public-blend"), under
+`--mip-prior tv` over pixels (the Inverting Gradients objective, `attacks.ig`) with joint soft
+labels, which on the tiny CLIP does not recover the images. Batches larger than one run on
+every route, but at batch 4 the CoOp gradient of the pre-trained tiny CLIP does not pin the
+labels down (README, MIP).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from attacks.base import Attack, Reconstruction, observed
 from attacks.decoders import fingerprint, learned_prior
 from attacks.embeddings import TextJacobian, head_side, text_side
 from attacks.encoder_inversion import invert_tower
+from attacks.tower_side import tower_side
 from fedsim.config import MIP_PRIORS, ConfigError
 from fedsim.models.peft import CLIPClassifier
 from fedsim.observation import Observation
@@ -66,7 +69,7 @@ class MIP(Attack):
             raise ConfigError(f"--mip-prior {prior!r} is not valid; valid: {', '.join(MIP_PRIORS)}")
         self.prior, self.public_images, self.tv, self.lr, self.anchor = prior, public_images, tv, lr, anchor
         self._decoder = None
-        self._round: tuple[str, TextJacobian, torch.Tensor] | None = None
+        self._round: dict | None = None
 
     @classmethod
     def from_config(cls, cfg, progress=None) -> "MIP":
@@ -93,28 +96,31 @@ class MIP(Attack):
                                           self.public_images.to(task.device), dim).to(task.device)
         return self._decoder
 
-    def round_state(self, task: Task, params, names) -> tuple[TextJacobian, torch.Tensor]:
-        """The text Jacobian and the public images' embeddings at these global parameters:
-        the same for every client of a round, so computed once per round."""
+    def round_state(self, task: Task, params, names) -> dict:
+        """What is the same for every client of a round, computed once per round: the public
+        images' embeddings, and the text Jacobian when the text side trains."""
         key = fingerprint(*[params[n] for n in names])
-        if self._round is None or self._round[0] != key:
+        if self._round is None or self._round["key"] != key:
             with torch.no_grad():
                 public = torch.cat([task.embeddings(params, x.to(task.device))
                                     for x in self.public_images.split(256)]).cpu()
-            self._round = (key, TextJacobian(task, params, names), public)
-        return self._round[1], self._round[2]
+            self._round = {"key": key, "public": public}
+        if route_of(task, names) == "text" and "jacobian" not in self._round:
+            self._round["jacobian"] = TextJacobian(task, params, names)
+        return self._round
 
     def recover_embeddings(self, observation: Observation, task: Task):
-        """(labels [B], tower-output directions [B, D], diagnostics), or None on the tower route."""
+        """(labels [B], tower-output directions [B, D], diagnostics), or None on the tower route
+        (where there is no embedding to recover: see `reconstruct`)."""
         update, params = observed(observation, task)
         route = route_of(task, list(update))
         B = observation.batch_size
-        gen = torch.Generator().manual_seed(self.seed)
         if route == "head":
+            gen = torch.Generator().manual_seed(self.seed)
             labels, features, info = head_side(task, params, update, B, task.model.feature_weight, generator=gen)
         elif route == "text":
-            jacobian, public = self.round_state(task, params, list(update))
-            labels, features, info = text_side(task, params, update, B, public, jacobian=jacobian)
+            state = self.round_state(task, params, list(update))
+            labels, features, info = text_side(task, params, update, B, state["public"], jacobian=state["jacobian"])
         else:
             return None
         return labels, features.to(task.device), {"route": route, **info}
@@ -145,6 +151,22 @@ class MIP(Attack):
             raise ValueError("MIP needs the public split's images (public_images=...)")
         recovered = self.recover_embeddings(observation, task)
         if recovered is None:
+            return self.tower_route(observation, task, start)
+        labels, features, info = recovered
+        _, params = observed(observation, task)
+        images, more = self.images_from(task, features)
+        with torch.no_grad():
+            embeddings = task.embeddings(params, features=features)
+        return Reconstruction(images.detach().cpu(), labels.cpu(),
+                              {**info, **more, "prior": self.prior, "embeddings": embeddings.cpu(),
+                               "seconds": time.perf_counter() - start})
+
+    def tower_route(self, observation: Observation, task: Task, start: float) -> Reconstruction:
+        """Visual-side PEFT: under the TV prior, Inverting Gradients' pixel search with joint soft
+        labels; under a learned prior, gradient matching over blends of public images
+        (`attacks.tower_side`, which explains why not the decoders)."""
+        update, params = observed(observation, task)
+        if self.prior == "tv":
             from attacks.ig import InvertingGradients
 
             ig = InvertingGradients(iterations=self.iterations, restarts=self.restarts, seed=self.seed,
@@ -152,11 +174,10 @@ class MIP(Attack):
             recon = ig.reconstruct(observation, task)
             recon.extras.update(route="tower", prior="tv", seconds=time.perf_counter() - start)
             return recon
-        labels, features, info = recovered
-        images, more = self.images_from(task, features)
-        _, params = observed(observation, task)
+        labels, images, info = tower_side(task, params, update, observation.batch_size, self.public_images,
+                                          progress=self.progress)
         with torch.no_grad():
-            embeddings = task.embeddings(params, features=features)
+            embeddings = task.embeddings(params, images)
         return Reconstruction(images.detach().cpu(), labels.cpu(),
-                              {**info, **more, "prior": self.prior, "embeddings": embeddings.cpu(),
+                              {"route": "tower", **info, "prior": "public-blend", "embeddings": embeddings.cpu(),
                                "seconds": time.perf_counter() - start})

@@ -170,7 +170,7 @@ def part_images(args, out: Path, pefts=("adapter", "coop"), priors=("ridge", "co
 def part_peft(args, out: Path) -> pd.DataFrame:
     """The same private images attacked under every PEFT method, default MIP settings."""
     rows, grids = [], {}
-    for peft in ALL_PEFT:
+    for peft in args.pefts:
         cfg, data, spec, task = setting(peft, "digits", args.seed)
         attack = MIP(iterations=args.iterations, seed=args.seed, public_images=data.public.images)
         centre = mean_embedding(task, task.trainable(), data.public.images[:256])
@@ -207,6 +207,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pefts", nargs="+", default=list(ALL_PEFT), choices=ALL_PEFT, help="peft part only")
     parser.add_argument("--out", default="runs/mip")
     args = parser.parse_args()
     torch.set_num_threads(1)

@@ -122,12 +122,27 @@ def test_mip_refuses_classic_models_and_label_strategies():
         MIP(prior="gan")
 
 
-def test_mip_attacks_visual_prompts_by_gradient_matching():
-    cfg, data, spec, task = setup("vpt", pretrained="none", attack="mip", attack_iters=2)
-    obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
-    recon = MIP.from_config(cfg).reconstruct(obs, task)
-    assert recon.extras["route"] == "tower" and recon.images.shape == (1, 3, 32, 32)
+@pytest.mark.parametrize("index", [0, 5])
+def test_mip_attacks_visual_prompts_over_public_blends(index):
+    cfg, data, spec, task = setup("vpt", attack="mip", attack_iters=0)
+    x, y = data.private.images[index:index + 1], data.private.labels[index:index + 1]
+    obs = observe(cfg, spec, task, x, y)
+    attack = MIP.from_config(cfg)
+    recon = attack.reconstruct(obs, task)
+    assert recon.extras["route"] == "tower" and recon.extras["prior"] == "public-blend"
+    assert recon.labels.tolist() == y.tolist()
+    mean_image = attack.public_images.mean(0, keepdim=True)
+    assert ((recon.images - x) ** 2).mean() < ((mean_image - x) ** 2).mean()
     assert recon.images.min() >= 0 and recon.images.max() <= 1
+
+
+def test_pick_atoms_takes_the_best_pairs_and_never_reuses_an_image():
+    from attacks.tower_side import pick_atoms
+
+    distances = torch.tensor([[0.1, 0.5, 0.9], [0.2, 0.05, 0.8], [0.3, 0.4, 0.6]])
+    assert pick_atoms(distances, 1) == [(1, 1)]
+    assert pick_atoms(distances, 2) == [(1, 1), (0, 0)]
+    assert pick_atoms(distances, 3) == [(1, 1), (0, 0), (2, 0)]
 
 
 @pytest.mark.parametrize("inputs,outputs", [(5, 12), (12, 5)])
@@ -158,9 +173,9 @@ def test_gradient_matching_differentiates_through_the_text_tower():
 
 
 def test_mip_attacks_lora_on_nn_multihead_attention():
-    """peft's LoRA on nn.MultiheadAttention cannot run inside torch.func; the tower route falls
-    back to plain autograd."""
-    cfg, data, spec, task = setup("lora", pretrained="none", attack="mip", attack_iters=2)
+    """peft's LoRA on nn.MultiheadAttention cannot run inside torch.func; gradient matching
+    through the tower (here the TV prior's pixel route) falls back to plain autograd."""
+    cfg, data, spec, task = setup("lora", pretrained="none", attack="mip", attack_iters=2, mip_prior="tv")
     obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
     recon = MIP.from_config(cfg).reconstruct(obs, task)
     assert recon.extras["route"] == "tower" and torch.isfinite(recon.images).all()
