@@ -9,7 +9,14 @@ for the embedded one). All timings in one process, one thread, medians of `--rep
 - MIP's one-off costs: the text-side Jacobian (once per round, shared by all clients) and the
   embedding fit of one client.
 
+`--equal-time N` then compares quality at equal wall time on the pre-trained tiny CLIP (CoOp,
+N private digits, batch 1): the whole MIP attack (Jacobian charged to every image, as if each
+were the round's only client; `--mip-iterations` refinement steps) against end-to-end DLG
+(Zhu et al. 2019) given as many L-BFGS iterations as fit in MIP's time, and against Inverting
+Gradients likewise.
+
     PYTHONPATH=. .venv/bin/python benchmarks/mip_speed.py --model ViT-B-32
+    PYTHONPATH=. .venv/bin/python benchmarks/mip_speed.py --model tiny-clip --skip-jacobian --equal-time 8
 """
 
 from __future__ import annotations
@@ -46,8 +53,13 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-32")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-jacobian", action="store_true", help="skip the one-off Jacobian (slow on CPU)")
+    parser.add_argument("--equal-time", type=int, default=0, metavar="N",
+                        help="also compare MIP and DLG/IG at equal wall time on N tiny-CLIP digits")
+    parser.add_argument("--mip-iterations", type=int, default=100)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.equal_time:
+        equal_time(args.equal_time, args.mip_iterations)
     cfg = RunConfig(model=args.model, pretrained="none" if args.model != "tiny-clip" else "fedsim", peft="coop")
     data = federated_data(cfg)
     task = build_task(model_spec(cfg, data.private.class_names))
@@ -84,6 +96,46 @@ def main() -> None:
         print(f"  one-off: Jacobian {t_jac:.1f} s per round; embedding fit {t_fit:.1f} s per client "
               f"(label {labels.tolist()} vs {y.tolist()}, cosine {cos:.4f}); = {t_jac / e2e:.0f} + "
               f"{t_fit / e2e:.0f} end-to-end steps")
+
+
+def equal_time(n: int, mip_iterations: int) -> None:
+    """MIP against end-to-end attacks given the same wall time, image by image."""
+    from attacks.dlg import DLG
+    from attacks.ig import InvertingGradients
+    from attacks.mip import MIP
+    from fedsim.evaluate import evaluate
+    from fedsim.observation import Observation
+
+    cfg = RunConfig(model="tiny-clip", peft="coop", attack="mip")
+    data = federated_data(cfg)
+    spec = model_spec(cfg, data.private.class_names)
+    task = build_task(spec)
+    params = task.trainable()
+    rows = []
+    for i in range(n):
+        x, y = data.private.images[i:i + 1], data.private.labels[i:i + 1]
+        update = local_update(cfg, task, Defense(), x, y, params, torch.Generator().manual_seed(i))
+        obs = Observation(1, i, "gradient", update, params, 1, cfg.lr, 1, spec)
+        mip = MIP(iterations=mip_iterations, public_images=data.public.images)
+        mip.decoder(task)  # trained once per tower and cached: not part of an attack's time
+        t0 = time.perf_counter()
+        recon = mip.reconstruct(obs, task)
+        budget = time.perf_counter() - t0
+        row = {"mip": evaluate(recon.images, recon.labels, x, y)[0]["psnr"], "seconds": budget}
+        for name, cls in (("dlg", DLG), ("ig", InvertingGradients)):
+            one = timed(lambda: cls(iterations=1).reconstruct(obs, task), 1)  # noqa: B023
+            iterations = max(1, int(budget / one))
+            t0 = time.perf_counter()
+            other = cls(iterations=iterations).reconstruct(obs, task)
+            row[name] = evaluate(other.images, other.labels, x, y)[0]["psnr"]
+            row[f"{name}_iterations"], row[f"{name}_seconds"] = iterations, time.perf_counter() - t0
+        rows.append(row)
+        print(f"  #{i}: MIP {row['mip']:.2f} dB in {budget:.1f} s; DLG {row['dlg']:.2f} dB "
+              f"({row['dlg_iterations']} it, {row['dlg_seconds']:.1f} s); IG {row['ig']:.2f} dB "
+              f"({row['ig_iterations']} it, {row['ig_seconds']:.1f} s)", flush=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in ("mip", "dlg", "ig", "seconds")}
+    print(f"tiny CLIP + CoOp, {n} digits, equal wall time (median {med['seconds']:.1f} s): "
+          f"MIP {med['mip']:.2f} dB, DLG {med['dlg']:.2f} dB, IG {med['ig']:.2f} dB")
 
 
 if __name__ == "__main__":

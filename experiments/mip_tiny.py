@@ -14,6 +14,13 @@ every image scored here is one the decoders never saw. Parts (`--part`):
   `--iterations` refinement steps (0 = the decoder's output as is). Targets: MIP within 0.5 dB
   of the ceiling; learned prior: adapter >= 20 dB, SSIM >= 0.75, identifiability >= 80 %; coop
   >= 16 dB, SSIM >= 0.55.
+- ablation: coop and adapter, digits, batch 1 (`--images`, default 8): full MIP (ridge prior,
+  `--iterations` refinement steps) against MIP without label prediction (embedding and soft
+  labels fitted jointly by cosine gradient matching through the exact model, then the same
+  step 3) and MIP without inverse gradient estimation (end-to-end gradient matching on pixels
+  through the whole model, Inverting Gradients' objective, from the public mean image, with
+  MIP's labels and `--iterations` x 4 steps), each with its wall time. The priors' ablation is
+  the images part.
 - peft: the same images attacked under every PEFT method (coop, adapter, text-adapter,
   double-adapter, lora, vpt); lora (image tower) and vpt take MIP's gradient-matching route,
   `--iterations` steps; `--images` defaults to 8. (The prior ablation is the images part.)
@@ -167,6 +174,90 @@ def part_images(args, out: Path, pefts=("adapter", "coop"), priors=("ridge", "co
     return df
 
 
+def _without_label_prediction(task, params, target, public_mean, steps: int = 300):
+    """Tower output and soft labels fitted jointly (no label read from the gradient)."""
+    from torch.func import grad
+
+    from attacks.objectives import cosine_distance
+    from fedsim.task import second_order_attention
+
+    z = public_mean.clone()[None].requires_grad_(True)
+    logits = torch.zeros(1, task.num_classes, requires_grad=True)
+    opt = torch.optim.Adam([z, logits], lr=0.01)
+    with second_order_attention():
+        for _ in range(steps):
+            opt.zero_grad()
+            g = grad(task.head_loss)(params, z, torch.softmax(logits, -1))
+            cosine_distance(g, target).backward()
+            opt.step()
+    return logits.detach().argmax(-1), z.detach()
+
+
+def _without_inverse_estimation(task, params, target, labels, start, steps: int, tv: float = 1e-2):
+    """Pixels fitted end to end through the whole model (the text tower too, for coop)."""
+    from attacks.objectives import cosine_distance
+    from attacks.optim import UNIT_BOX, to_pixels
+    from attacks.priors import total_variation
+
+    units = ((start - 0.5) / 0.25).clone().requires_grad_(True)
+    opt = torch.optim.Adam([units], lr=0.05)
+    for _ in range(steps):
+        opt.zero_grad()
+        g = task.functional_gradients(params, to_pixels(units), labels)
+        (cosine_distance(g, target) + tv * total_variation(units)).backward()
+        opt.step()
+        with torch.no_grad():
+            units.clamp_(*UNIT_BOX)
+    return to_pixels(units.detach()).clamp(0, 1)
+
+
+def part_ablation(args, out: Path) -> pd.DataFrame:
+    from attacks.base import observed
+
+    rows, grids = [], {}
+    for peft in ("coop", "adapter"):
+        cfg, data, spec, task = setting(peft, "digits", args.seed)
+        attack = MIP(iterations=args.iterations, seed=args.seed, public_images=data.public.images)
+        gallery = data.public.images[:256]
+        with torch.no_grad():
+            public_mean = F.normalize(task.model.encode_image(data.public.images), dim=-1).mean(0)
+        for k, idx in enumerate(batches(data, args.images, 1, args.seed, False)):
+            obs, images, labels = observe(cfg, spec, task, data, idx, k)
+            target, params = observed(obs, task)
+            variants = {}
+            t0 = time.perf_counter()
+            recon = attack.reconstruct(obs, task)
+            variants["full"] = (recon.images, recon.labels, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            soft_labels, z = _without_label_prediction(task, params, target, public_mean)
+            imgs, _ = attack.images_from(task, z)
+            variants["no label prediction"] = (imgs, soft_labels, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            start = data.public.images.mean(0, keepdim=True)
+            imgs = _without_inverse_estimation(task, params, target, recon.labels, start, 4 * args.iterations)
+            variants["no inverse estimation"] = (imgs, recon.labels, time.perf_counter() - t0)
+            for name, (imgs, labs, seconds) in variants.items():
+                metrics, _ = evaluate(imgs, labs, images, labels, gallery)
+                rows.append({"peft": peft, "variant": name, "index": k, **metrics, "seconds": seconds})
+                grid = grids.setdefault((peft, name), ([], []))
+                grid[0].append(images)
+                grid[1].append(imgs.detach())
+            print(f"{peft} #{k}: " + ", ".join(f"{r['variant']} {r['psnr']:.2f} dB label {r['label_acc']:.0f}"
+                                               for r in rows[-3:]), flush=True)
+        pd.DataFrame(rows).to_csv(out / "ablation.csv", index=False)
+    for (peft, name), (truth, recon) in grids.items():
+        n = len(truth)
+        save_grid(out / f"grid_ablation_{peft}_{name.replace(' ', '_')}.png",
+                  [(torch.cat(truth), torch.full((n,), -1)), (torch.cat(recon), torch.full((n,), -1))],
+                  data.private.class_names)
+    df = pd.DataFrame(rows)
+    summary = df.groupby(["peft", "variant"], sort=False)[["psnr", "ssim", "label_acc", "ident_feature",
+                                                           "seconds"]].median()
+    print(summary.to_string(float_format=lambda v: f"{v:.3f}"))
+    summary.to_csv(out / "ablation_summary.csv")
+    return df
+
+
 def part_peft(args, out: Path) -> pd.DataFrame:
     """The same private images attacked under every PEFT method, default MIP settings."""
     rows, grids = [], {}
@@ -202,7 +293,7 @@ def part_peft(args, out: Path) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="recovery", choices=["recovery", "images", "peft"])
+    parser.add_argument("--part", default="recovery", choices=["recovery", "images", "ablation", "peft"])
     parser.add_argument("--images", type=int, default=None, help="default: recovery 100, images 20")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=50)
@@ -219,6 +310,9 @@ def main() -> None:
     elif args.part == "images":
         args.images = args.images or 20
         part_images(args, out)
+    elif args.part == "ablation":
+        args.images = args.images or 8
+        part_ablation(args, out)
     elif args.part == "peft":
         args.images = args.images or 8
         part_peft(args, out)
