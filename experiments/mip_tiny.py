@@ -21,6 +21,9 @@ every image scored here is one the decoders never saw. Parts (`--part`):
   through the whole model, Inverting Gradients' objective, from the public mean image, with
   MIP's labels and `--iterations` x 4 steps), each with its wall time. The priors' ablation is
   the images part.
+- identifiability: batch-4 CoOp, distinct labels (`--batches`): is the true label set
+  recognisable by its residual? Levenberg-Marquardt from the class-mean public embeddings of
+  the true set, and of the set with its first label swapped for the next class.
 - peft: the same images attacked under every PEFT method (coop, adapter, text-adapter,
   double-adapter, lora, vpt); lora (image tower) and vpt take MIP's gradient-matching route,
   `--iterations` steps; `--images` defaults to 8. (The prior ablation is the images part.)
@@ -258,6 +261,37 @@ def part_ablation(args, out: Path) -> pd.DataFrame:
     return df
 
 
+def part_identifiability(args, out: Path) -> pd.DataFrame:
+    from attacks.base import observed
+    from attacks.embeddings import flat_update, refine_text_embeddings, text_gradient
+
+    cfg, data, spec, task = setting("coop", "digits", args.seed)
+    attack = MIP.from_config(cfg)
+    rows = []
+    for k, idx in enumerate(batches(data, args.batches, 4, args.seed + 4, True)):
+        obs, images, labels = observe(cfg, spec, task, data, idx, k)
+        update, params = observed(obs, task)
+        state = attack.round_state(task, params, list(update))
+        jac, public = state["jacobian"], state["public"].double()
+        g = flat_update(update, list(update))
+        means = torch.stack([F.normalize(public[data.public.labels == c].mean(0), dim=0)
+                             for c in range(task.num_classes)])
+        swapped = labels.clone()
+        swapped[0] = (swapped[0] + 1) % task.num_classes
+        row = {"index": k, "labels": labels.tolist()}
+        for name, label_set in (("true", labels), ("one swapped", swapped)):
+            Z = refine_text_embeddings(task, jac, g, label_set, means[label_set], steps=60)
+            row[name] = float((jac.apply(text_gradient(task, jac, Z, label_set)) - g).norm() / g.norm())
+        rows.append(row)
+        print(f"#{k} {row['labels']}: residual true set {row['true']:.1e}, one swapped {row['one swapped']:.1e}",
+              flush=True)
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "identifiability.csv", index=False)
+    print(f"true set below the swapped one in {(df['true'] < df['one swapped']).sum()} of {len(df)} batches; "
+          f"median residual {df['true'].median():.1e} vs {df['one swapped'].median():.1e}")
+    return df
+
+
 def part_peft(args, out: Path) -> pd.DataFrame:
     """The same private images attacked under every PEFT method, default MIP settings."""
     rows, grids = [], {}
@@ -293,7 +327,7 @@ def part_peft(args, out: Path) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="recovery", choices=["recovery", "images", "ablation", "peft"])
+    parser.add_argument("--part", default="recovery", choices=["recovery", "images", "ablation", "identifiability", "peft"])
     parser.add_argument("--images", type=int, default=None, help="default: recovery 100, images 20")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=50)
@@ -313,6 +347,8 @@ def main() -> None:
     elif args.part == "ablation":
         args.images = args.images or 8
         part_ablation(args, out)
+    elif args.part == "identifiability":
+        part_identifiability(args, out)
     elif args.part == "peft":
         args.images = args.images or 8
         part_peft(args, out)
