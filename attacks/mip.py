@@ -25,8 +25,8 @@ through the image tower, under a learned prior over blends of public images whos
 weights fit the update (`attacks.tower_side`; the prior column says "public-blend"), under
 `--mip-prior tv` over pixels (the Inverting Gradients objective, `attacks.ig`) with joint soft
 labels, which on the tiny CLIP does not recover the images. Batches larger than one run on
-every route, but at batch 4 the CoOp gradient of the pre-trained tiny CLIP does not pin the
-labels down (README, MIP).
+every route, but at batch 4 on CoOp the greedy pursuit rarely finds the label set, although
+the true set, once tried, fits the gradient far better than its neighbours (README, MIP).
 """
 
 from __future__ import annotations
