@@ -8,8 +8,9 @@ gradient of its batch, then the update transforms), with random init (`--pretrai
 cost does not depend on the weights) and `--peft adapter`, the method every client-loop defense
 applies to (Soteria needs the adapter's first layer). Times are medians of --repeats steps after
 one warm-up, with the defenses interleaved in each repeat so that load from other processes
-falls on all of them alike. flower-dp (Flower's clipping mod: one norm) and secagg (simulated:
-no cryptography in fedsim) add nothing measurable to the client's computation and are not timed.
+falls on all of them alike. flower-dp (Flower's clipping mod: one norm) adds nothing measurable
+to the client's computation; secagg (Flower's SecAgg+: key agreement, secret sharing, masking in
+extra message rounds) costs protocol time outside the client step; neither is timed here.
 """
 
 from __future__ import annotations

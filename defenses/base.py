@@ -17,8 +17,8 @@ class Defense:
       noise on the update).
 
     Defenses that act in Flower's protocol rather than in the client loop (Flower's DP mods,
-    secure aggregation) say so through `client_mods`, `wrap_strategy`, `aggregate_only` and
-    `replies_with_weights`.
+    secure aggregation) say so through `client_mods`, `wrap_strategy`, `fit_workflow`,
+    `aggregate_only` and `replies_with_weights`.
     Register a new defense under the entry-point group ``fedsim.defenses``.
     """
 
@@ -52,6 +52,10 @@ class Defense:
     def wrap_strategy(self, strategy):
         """The server strategy this defense needs around fedsim's own."""
         return strategy
+
+    def fit_workflow(self, cfg):
+        """A Flower fit workflow that replaces the server's plain rounds (SecAgg+), or None."""
+        return None
 
     def privacy(self, accounting) -> dict[str, float]:
         """Privacy spent after `accounting.rounds` rounds (see defenses.accounting), e.g. epsilon."""
@@ -103,6 +107,9 @@ class Chain(Defense):
         for d in self.defenses:
             strategy = d.wrap_strategy(strategy)
         return strategy
+
+    def fit_workflow(self, cfg):
+        return next((w for w in (d.fit_workflow(cfg) for d in self.defenses) if w is not None), None)
 
     def privacy(self, accounting) -> dict[str, float]:
         out: dict[str, float] = {}

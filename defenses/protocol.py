@@ -52,17 +52,57 @@ class FlowerDP(Defense):
 
 
 class SecureAggregation(Defense):
-    """What secure aggregation (Bonawitz et al., CCS 2017, arXiv 1611.04482; SecAgg+, Bell et al.,
-    CCS 2020) lets the server learn: the sum of the sampled clients' updates, not any one of them.
+    """Flower's SecAgg+ (Bell, Bonawitz, Gascon, Lepoint, Raykova, CCS 2020, which builds on
+    Bonawitz et al., CCS 2017, arXiv 1611.04482): the server learns the example-weighted average
+    of the sampled clients' updates and no single one of them.
 
-    Not Flower's SecAgg+: Flower 1.41 offers it only as `SecAggPlusWorkflow` for the legacy
-    `LegacyContext`/`flwr.server.strategy` API (configure_fit/aggregate_fit), and its
-    `secaggplus_mod` speaks that API's messages; fedsim's server is a Message-API strategy
-    (`flwr.serverapp.strategy.FedAvg`), with which they do not run. This defense simulates the
-    outcome instead, with no cryptography: the curious server copies only the weighted average
-    of the round's replies (what it could decode from the masked sum) and attacks that, as one
-    observation of all the sampled clients' examples together (client -1 in the results).
+    The ClientApp runs Flower's `secaggplus_mod` and the server Flower's
+    `SecAggPlusWorkflow(num_shares=--secagg-shares, reconstruction_threshold=--secagg-threshold)`
+    inside `DefaultWorkflow`; both are real (key agreement, Shamir shares of the mask seeds,
+    pairwise and private masks, unmasking). Flower runs SecAgg+ only on its legacy strategy API,
+    so under this defense fedsim's curious server is `fedsim.secagg.CuriousLegacyFedAvg`, which
+    copies the unmasked aggregate in `aggregate_fit` and attacks it as one observation of all the
+    sampled clients' examples together (client -1 in the results, `clients` naming them).
+
+    SecAgg+ works on integers: each client scales its update by examples / max_weight (fedsim sets
+    max_weight to the most examples behind one update: the batch size, or the largest client
+    under `--local-epochs`), clips every entry to [-`--secagg-clip`, `--secagg-clip`] and
+    rounds it stochastically to one of 2^22 levels over that range. The aggregate is therefore the
+    weighted mean up to a rounding error of at most 2 * clip / 2^22 per entry and client
+    (3.8e-6 at the default clip of 8), and any update entry beyond +-clip (times max_weight /
+    examples) is clipped. Needs at least two clients per round; runs with `fedsim run` (either
+    engine), not under `flwr run` (a ClientApp's mods are fixed when it is built).
     """
 
     name = "secagg"
     aggregate_only = True
+
+    def __init__(self, shares: int = 3, threshold: int = 2, clip: float = 8.0):
+        self.shares, self.threshold, self.clip = shares, threshold, clip
+        self.workflow(max_weight=1)  # Flower's own checks of the parameters, before any work
+
+    @classmethod
+    def from_config(cls, cfg) -> "SecureAggregation":
+        return cls(shares=cfg.secagg_shares, threshold=cfg.secagg_threshold, clip=cfg.secagg_clip)
+
+    def client_mods(self) -> list:
+        from flwr.client.mod import secaggplus_mod
+
+        return [secaggplus_mod]
+
+    def workflow(self, max_weight: int):
+        """Flower's SecAgg+ fit workflow with this defense's parameters."""
+        from flwr.server.workflow import SecAggPlusWorkflow
+
+        try:
+            return SecAggPlusWorkflow(self.shares, self.threshold, max_weight=float(max_weight),
+                                      clipping_range=float(self.clip))
+        except ValueError as exc:
+            raise ValueError(f"secagg: --secagg-shares {self.shares}, --secagg-threshold {self.threshold}, "
+                             f"--secagg-clip {self.clip}: {exc} (valid: shares 1 = every sampled client "
+                             "or >= 3; threshold 1 = all shares or 2 <= threshold < shares; clip > 0)") from exc
+
+    def fit_workflow(self, cfg):
+        from fedsim.secagg import max_examples
+
+        return self.workflow(max_examples(cfg))

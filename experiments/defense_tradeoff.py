@@ -11,7 +11,9 @@ best case), produced by the real client path (`fedsim.flower.client_update`, def
 included); every attack, taken by plugin name (`--attacks dlg,ig,mip`), reconstructs it and the
 real evaluator scores it against the true image (identifiability against a gallery of public
 images). Under `secagg` the strength is the number of clients in the aggregate the server
-sees; the attack reconstructs all their images from the averaged update.
+sees; the attack reconstructs all their images from the averaged update, formed here from the
+clients' updates (`fedsim.flower.aggregate`): what Flower's SecAgg+ hands the server in a
+`fedsim run --defense secagg`, up to its quantisation (at most 2 * clip / 2^22 per entry).
 Two no-information baselines per attack: the reconstruction from a zero update and from a
 random Gaussian one of the undefended update's norm (`baseline` rows): a defense that brings
 an attack down to them leaves it nothing.

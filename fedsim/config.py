@@ -97,6 +97,12 @@ class RunConfig:
     quantize_mode: str = option("stochastic", "quantize: stochastic (unbiased rounding) or deterministic (nearest)")
     soteria_ratio: float = option(0.8, "soteria: share of representation units masked in the gradient of the "
                                   "layer they feed")
+    secagg_shares: int = option(3, "secagg: SecAgg+ neighbours each client secret-shares its keys with "
+                                "(>= 3; 1 = every sampled client, as in the original SecAgg)")
+    secagg_threshold: int = option(2, "secagg: shares needed to rebuild a client's secret (2 <= threshold < "
+                                   "shares; 1 = all of them)")
+    secagg_clip: float = option(8.0, "secagg: SecAgg+ clips each update entry to [-clip, clip] before "
+                                "quantising it to 2^22 levels")
     seed: int = option(0, "seeds data split, batch schedule, model init, noise and attack")
     engine: str = option("ray", "ray: Flower's simulation engine on Ray; inprocess: clients called "
                          "one after another in this process (no Ray start-up; tests, debugging)")
@@ -190,9 +196,30 @@ class RunConfig:
         for name in ("prune_ratio", "soteria_ratio"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
+        if "secagg" in chain:
+            self._validate_secagg(chain)
         if not 1 <= self.quantize_bits <= 16:
             raise ConfigError(f"--quantize-bits must be in 1..16, got {self.quantize_bits}")
         _choice("quantize-mode", self.quantize_mode, ("stochastic", "deterministic"))
+
+    def _validate_secagg(self, chain: list[str]) -> None:
+        """SecAgg+'s own constraints (Flower's SecAggPlusWorkflow), checked before any work."""
+        if "flower-dp" in chain:
+            raise ConfigError("--defense secagg cannot be chained with flower-dp: Flower's SecAgg+ runs on its "
+                              "legacy strategy API, its fixed-clipping DP wrapper here on the Message API")
+        sampled = max(1, int(self.clients * self.fraction))
+        if sampled < 2:
+            raise ConfigError(f"--defense secagg needs at least 2 clients per round (--clients x --fraction), "
+                              f"got {sampled}")
+        if not (self.secagg_shares == 1 or self.secagg_shares >= 3):
+            raise ConfigError(f"--secagg-shares must be 1 (every sampled client) or >= 3, got {self.secagg_shares}")
+        neighbours = sampled if self.secagg_shares == 1 else min(self.secagg_shares, sampled)
+        if not (self.secagg_threshold == 1 or 2 <= self.secagg_threshold <= neighbours) or (
+                self.secagg_shares >= 3 and self.secagg_threshold >= self.secagg_shares):
+            raise ConfigError(f"--secagg-threshold must be 1 (all shares) or in 2..{neighbours} and below "
+                              f"--secagg-shares {self.secagg_shares}, got {self.secagg_threshold}")
+        if not self.secagg_clip > 0:
+            raise ConfigError(f"--secagg-clip must be > 0, got {self.secagg_clip}")
 
     @property
     def defense_list(self) -> list[str]:

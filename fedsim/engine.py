@@ -11,11 +11,13 @@ process's `TaskIdentity` (flwr.supercore), which Flower's own runtimes set and w
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
 
 CLIENT_ERROR = 1  # Error code on a reply whose ClientApp raised
 
@@ -30,7 +32,7 @@ class LocalGrid(Grid):
                            state=RecordDict(), run_config=dict(run_config or {}))
             for i in range(num_nodes)
         }
-        self._run = None
+        self._run = Run.create_empty(run_id)  # Flower's legacy workflows (SecAgg+) read grid.run.run_id
         self._replies: dict[str, Message] = {}
 
     def set_run(self, run) -> None:
@@ -48,9 +50,11 @@ class LocalGrid(Grid):
         return list(self.contexts)
 
     def _deliver(self, message: Message) -> Message:
+        """The ClientApp's reply to a copy of `message`: a node gets its own copy, as over the wire
+        (Flower's SecAgg+ workflow sends one content object to every node and its client mod edits it)."""
         context = self.contexts[message.metadata.dst_node_id]
         try:
-            return self.client_app(message, context)
+            return self.client_app(copy.deepcopy(message), context)
         except Exception as exc:  # a failing client becomes an error reply, as in Flower's engine
             return Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
 

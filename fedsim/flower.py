@@ -29,6 +29,7 @@ from fedsim.data import federated_data
 from fedsim.models import build_task, derive_seed, model_spec, resolve_device
 from fedsim.observation import Observation
 from fedsim.plugins import make_defense
+from fedsim.secagg import fit_instructions, fit_reply, is_legacy_fit, serve_secure
 from fedsim.training import client_examples, local_steps, local_update
 
 UPDATE_KEY, METRICS_KEY, CLIENT_KEY = "arrays", "metrics", "client"
@@ -93,10 +94,16 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
             raise ConfigError(f"--defense {run_cfg.defense} works through a Flower client mod, which "
                               "`flwr run` cannot install per run; use `fedsim run`")
         client = int(context.node_config["partition-id"])
-        round_ = int(msg.content["config"]["server-round"])
-        params = msg.content["arrays"].to_torch_state_dict()
+        legacy = is_legacy_fit(msg)  # SecAgg+ (fedsim.secagg) speaks Flower's legacy FitIns/FitRes
+        if legacy:
+            round_, params = fit_instructions(msg)
+        else:
+            round_ = int(msg.content["config"]["server-round"])
+            params = msg.content["arrays"].to_torch_state_dict()
         start = time.perf_counter()
         update, n = client_update(cfg_json, client, round_, params)
+        if legacy:
+            return fit_reply(msg, update, n, client, time.perf_counter() - start)
         if defense.replies_with_weights:
             update = as_weights(run_cfg, update, params)
         reply = RecordDict({
@@ -127,8 +134,8 @@ class CuriousFedAvg(FedAvg):
     FedAvg replies are weight deltas: their weighted average is added to the global weights.
 
     With a defense whose clients reply with weights (flower-dp), the average of the replies is the
-    new global model and each reply is turned back into an update before it is observed. With
-    secure aggregation (secagg), the server observes only the average of the round's updates.
+    new global model and each reply is turned back into an update before it is observed. Secure
+    aggregation (secagg) runs Flower's SecAgg+ with fedsim.secagg.CuriousLegacyFedAvg instead.
     """
 
     def __init__(self, cfg: RunConfig, spec: dict, listener: Listener, **kwargs):
@@ -139,7 +146,6 @@ class CuriousFedAvg(FedAvg):
         self._global: dict[str, torch.Tensor] = {}
         defense = make_defense(cfg)
         self.replies_with_weights = defense.replies_with_weights
-        self.aggregate_only = defense.aggregate_only
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -153,8 +159,6 @@ class CuriousFedAvg(FedAvg):
         self.listener.replies_received(server_round, sum(
             float(m.content[METRICS_KEY].get("train-seconds", 0.0)) for m in replies if not m.has_error()))
         observations = [self.observe(server_round, m) for m in replies if not m.has_error()]
-        if self.aggregate_only and observations:
-            observations = [aggregate(observations)]
         for obs in observations:
             self.listener(obs)
         mean_grad, metrics = super().aggregate_train(server_round, replies)
@@ -189,7 +193,9 @@ class CuriousFedAvg(FedAvg):
 
 def aggregate(observations: list[Observation]) -> Observation:
     """What secure aggregation leaves the server: the example-weighted average of the updates,
-    as one observation of all the clients' examples together (client -1; `clients` names them)."""
+    as one observation of all the clients' examples together (client -1; `clients` names them).
+    Formed from plain observations, offline (experiments/defense_tradeoff.py); a run under
+    `--defense secagg` gets it from Flower's SecAgg+ (fedsim.secagg)."""
     first, total = observations[0], sum(o.batch_size for o in observations)
     update = {n: sum(o.update[n] * (o.batch_size / total) for o in observations) for n in first.update}
     return Observation(round=first.round, client=-1, kind=first.kind, update=update,
@@ -217,8 +223,15 @@ def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict
 
 def serve(grid: Grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener: Listener,
           evaluate_fn=None) -> None:
-    """The curious FedAvg strategy's rounds over the nodes of `grid`."""
-    strategy = make_defense(cfg).wrap_strategy(CuriousFedAvg(
+    """The curious FedAvg strategy's rounds over the nodes of `grid`; under secure aggregation,
+    Flower's SecAgg+ workflow with the legacy-API curious strategy (fedsim.secagg)."""
+    defense = make_defense(cfg)
+    workflow = defense.fit_workflow(cfg)
+    if workflow is not None:
+        serve_secure(grid, cfg, initial, spec, listener, workflow, evaluate_fn, fraction=cfg.fraction,
+                     clients_per_round=clients_per_round(cfg))
+        return
+    strategy = defense.wrap_strategy(CuriousFedAvg(
         cfg=cfg, spec=spec, listener=listener,
         fraction_train=cfg.fraction, fraction_evaluate=0.0,
         min_train_nodes=clients_per_round(cfg), min_available_nodes=cfg.clients,

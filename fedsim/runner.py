@@ -115,7 +115,7 @@ class AttackPipeline:
         if self.attack is not None:
             row.update(self._attack(obs, tag))
             self.writer.write(row)
-        self.progress.advance(self.bar)
+        self.progress.advance(self.bar, len(obs.clients) or 1)  # an aggregate stands for its clients
 
     def examples_behind(self, obs: Observation):
         """The true examples behind an observation: one client's, or under secure aggregation

@@ -40,13 +40,47 @@ def test_flower_dp_clips_every_update_the_server_sees_and_reports_epsilon(tmp_pa
     assert list(metrics["round"]) == [0, 1, 2] and metrics["epsilon_client"].iloc[-1] == float("inf")
 
 
-def test_secagg_shows_the_server_only_the_average_of_the_round(tmp_path):
-    secure = observed(lenet_run(tmp_path, "secagg", defense="secagg"))
-    each = observed(lenet_run(tmp_path, "plain"))
-    assert list(secure) == [-1] and sorted(secure[-1].clients) == [0, 1, 2]
+@pytest.mark.parametrize("protocol", ["fedsgd", "fedavg"])
+def test_secagg_runs_flower_secaggplus_and_the_attack_gets_only_the_aggregate(tmp_path, monkeypatch, protocol):
+    """A real SecAgg+ round (Flower's SecAggPlusWorkflow + secaggplus_mod, 3 clients): every reply
+    the server receives carries no update in the clear, and the one observation per round is
+    the clients' mean update up to SecAgg+'s stochastic quantisation (2 * clip / 2^22 per entry)."""
+    from fedsim.engine import LocalGrid
+
+    replies = []
+    send = LocalGrid.send_and_receive
+
+    def recording(self, messages, *, timeout=None):
+        out = list(send(self, messages, timeout=timeout))
+        replies.extend(out)
+        return out
+
+    monkeypatch.setattr(LocalGrid, "send_and_receive", recording)
+    secure = observed(lenet_run(tmp_path, "secagg", defense="secagg", protocol=protocol))
+    assert replies and not any(m.has_error() for m in replies)
+    assert all(len(a) == 0 for m in replies for a in m.content.array_records.values())  # masked: no arrays
+    monkeypatch.setattr(LocalGrid, "send_and_receive", send)
+    each = observed(lenet_run(tmp_path, "plain", protocol=protocol))
+    assert list(secure) == [-1] and sorted(secure[-1].clients) == [0, 1, 2] and secure[-1].batch_size == 6
+    assert secure[-1].kind == each[0].kind
     mean = {n: sum(o.update[n] for o in each.values()) / 3 for n in each[0].update}
-    torch.testing.assert_close(secure[-1].update, mean)
-    assert secure[-1].batch_size == 6
+    step = 2 * RunConfig().secagg_clip / 2**22
+    for n in mean:
+        torch.testing.assert_close(secure[-1].update[n], mean[n], rtol=0, atol=step)
+    spread = max(float((each[0].update[n] - mean[n]).abs().max()) for n in mean)
+    assert spread > 1000 * step  # the aggregate is not any one client's update
+
+
+def test_secagg_parameters_are_checked_before_the_run():
+    from fedsim.config import ConfigError
+    from fedsim.plugins import attack_names, defense_names
+
+    for kw, match in [({"secagg_shares": 2}, "secagg-shares"), ({"secagg_threshold": 3}, "secagg-threshold"),
+                      ({"secagg_clip": 0.0}, "secagg-clip"), ({"clients": 1}, "at least 2 clients"),
+                      ({"defense": "secagg,flower-dp"}, "flower-dp")]:
+        cfg = RunConfig(**{"defense": "secagg", "clients": 3, **kw})
+        with pytest.raises(ConfigError, match=match):
+            cfg.validate(attack_names(), defense_names())
 
 
 def test_overwriting_a_run_starts_its_metrics_afresh(tmp_path):
