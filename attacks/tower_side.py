@@ -31,7 +31,6 @@ tiny CLIP; 27 s for LoRA on nn.MultiheadAttention, whose per-example gradients l
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from attacks.objectives import l2_distance
 from fedsim.task import Params, Task

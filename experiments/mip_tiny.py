@@ -327,7 +327,8 @@ def part_peft(args, out: Path) -> pd.DataFrame:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="recovery", choices=["recovery", "images", "ablation", "identifiability", "peft"])
+    parser.add_argument("--part", default="recovery",
+                        choices=["recovery", "images", "ablation", "identifiability", "peft"])
     parser.add_argument("--images", type=int, default=None, help="default: recovery 100, images 20")
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=50)
