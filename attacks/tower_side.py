@@ -35,11 +35,16 @@ import torch
 from attacks.objectives import l2_distance
 from fedsim.task import Params, Task
 
+CHUNK_FLOATS = 2 ** 28  # per-example gradients held at once: 1 GiB of float32
+
 
 def atom_distances(task: Task, params: Params, target: Params, images: torch.Tensor, chunk: int = 128,
                    progress=None) -> torch.Tensor:
-    """||g(x_j, c) - g||^2 / ||g||^2 for every public image x_j and class c: [N, C]."""
+    """||g(x_j, c) - g||^2 / ||g||^2 for every public image x_j and class c: [N, C]. Chunks
+    shrink with the update's size (full fine-tuning of a ViT-B-32 holds 150M numbers per
+    example)."""
     target_sq = sum((t ** 2).sum() for t in target.values())
+    chunk = max(1, min(chunk, CHUNK_FLOATS // sum(t.numel() for t in target.values())))
     out = torch.empty(len(images), task.num_classes)
     steps, done = task.num_classes * len(range(0, len(images), chunk)), 0
     for c in range(task.num_classes):
@@ -73,10 +78,13 @@ def pick_atoms(distances: torch.Tensor, batch: int) -> list[tuple[int, int]]:
 
 
 def tower_side(task: Task, params: Params, update: Params, batch: int, public_images: torch.Tensor,
-               steps: int = 20, top_k: int = 16, progress=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """Labels [B], images [B, C, H, W] and diagnostics for a visual-side update."""
+               steps: int = 20, top_k: int = 16, max_atoms: int = 1024,
+               progress=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Labels [B], images [B, C, H, W] and diagnostics for a visual-side update. At most
+    `max_atoms` public images are scored (the first ones; the embedded splits are smaller), so
+    a large public split does not make every client cost C passes over all of it."""
     device = task.device
-    public_images = public_images.to(device)
+    public_images = public_images[:max_atoms].to(device)
     distances = atom_distances(task, params, update, public_images, progress=progress)
     picks = pick_atoms(distances, batch)
     labels = torch.tensor([c for _, c in picks], device=device)

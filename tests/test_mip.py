@@ -179,3 +179,16 @@ def test_mip_attacks_lora_on_nn_multihead_attention():
     obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
     recon = MIP.from_config(cfg).reconstruct(obs, task)
     assert recon.extras["route"] == "tower" and torch.isfinite(recon.images).all()
+
+
+def test_atom_distances_do_not_depend_on_the_chunking(monkeypatch):
+    """Large updates are scored in smaller chunks (memory); the distances must not change."""
+    import attacks.tower_side as tower_side
+
+    cfg, data, spec, task = setup("vpt", pretrained="none")
+    obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
+    public = data.public.images[:6]
+    whole = tower_side.atom_distances(task, task.trainable(), obs.update, public)
+    monkeypatch.setattr(tower_side, "CHUNK_FLOATS", sum(t.numel() for t in obs.update.values()) * 4)
+    chunked = tower_side.atom_distances(task, task.trainable(), obs.update, public)
+    assert whole.shape == (6, task.num_classes) and torch.allclose(whole, chunked, rtol=1e-4, atol=1e-6)
