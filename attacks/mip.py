@@ -97,16 +97,14 @@ class MIP(Attack):
         return self._decoder
 
     def round_state(self, task: Task, params, names) -> dict:
-        """What is the same for every client of a round, computed once per round: the public
-        images' embeddings, and the text Jacobian when the text side trains."""
+        """The text side's Jacobian and the public images' embeddings at these global
+        parameters: the same for every client of a round, so computed once per round."""
         key = fingerprint(*[params[n] for n in names])
         if self._round is None or self._round["key"] != key:
             with torch.no_grad():
                 public = torch.cat([task.embeddings(params, x.to(task.device))
                                     for x in self.public_images.split(256)]).cpu()
-            self._round = {"key": key, "public": public}
-        if route_of(task, names) == "text" and "jacobian" not in self._round:
-            self._round["jacobian"] = TextJacobian(task, params, names)
+            self._round = {"key": key, "public": public, "jacobian": TextJacobian(task, params, names)}
         return self._round
 
     def recover_embeddings(self, observation: Observation, task: Task):

@@ -38,12 +38,17 @@ from fedsim.task import Params, Task
 CHUNK_FLOATS = 2 ** 28  # per-example gradients held at once: 1 GiB of float32
 
 
+def squared_norm(update: Params) -> torch.Tensor:
+    """||g||^2 over all tensors together: what the distances here are relative to."""
+    return sum((t ** 2).sum() for t in update.values())
+
+
 def atom_distances(task: Task, params: Params, target: Params, images: torch.Tensor, chunk: int = 128,
                    progress=None) -> torch.Tensor:
     """||g(x_j, c) - g||^2 / ||g||^2 for every public image x_j and class c: [N, C]. Chunks
     shrink with the update's size (full fine-tuning of a ViT-B-32 holds 150M numbers per
     example)."""
-    target_sq = sum((t ** 2).sum() for t in target.values())
+    target_sq = squared_norm(target)
     chunk = max(1, min(chunk, CHUNK_FLOATS // sum(t.numel() for t in target.values())))
     out = torch.empty(len(images), task.num_classes)
     steps, done = task.num_classes * len(range(0, len(images), chunk)), 0
@@ -61,10 +66,9 @@ def atom_distances(task: Task, params: Params, target: Params, images: torch.Ten
 
 
 def pick_atoms(distances: torch.Tensor, batch: int) -> list[tuple[int, int]]:
-    """(public index, label) per image: the best atom at batch 1; at batch B, B atoms chosen
-    greedily, each the best of what the ones before it leave unexplained, scored by the
-    distances alone (a cheap proxy: an atom is not reused, and each label's next atom must fit
-    nearly as well as its first)."""
+    """(public index, label) per image: the B lowest-distance pairs on distinct public images
+    (at batch 1, the best pair). Each pair is scored alone against the batch's gradient: a
+    cheap proxy at B > 1, where no pair explains the whole update."""
     flat = distances.flatten().argsort()
     C = distances.shape[1]
     chosen: list[tuple[int, int]] = []
@@ -94,7 +98,7 @@ def tower_side(task: Task, params: Params, update: Params, batch: int, public_im
     weights = torch.zeros(pools.shape, device=device)
     weights[:, 0] = 3.0  # softmax ~ 0.6 on the best atom at k = 16
     weights.requires_grad_(True)
-    target_sq = sum((t ** 2).sum() for t in update.values())
+    target_sq = squared_norm(update)
 
     def blend(w: torch.Tensor) -> torch.Tensor:
         return torch.einsum("bk,bkchw->bchw", torch.softmax(w, -1), atoms)

@@ -279,19 +279,18 @@ def part_identifiability(args, out: Path) -> pd.DataFrame:
         g = flat_update(update, list(update))
         means = torch.stack([F.normalize(public[data.public.labels == c].mean(0), dim=0)
                              for c in range(task.num_classes)])
+
+        def residual(label_set: torch.Tensor) -> float:
+            """Relative residual of LM from the class means of `label_set`."""
+            Z = refine_text_embeddings(task, jac, g, label_set, means[label_set], steps=60)
+            return float((jac.apply(text_gradient(task, jac, Z, label_set)) - g).norm() / g.norm())
+
         swapped = labels.clone()
         swapped[0] = (swapped[0] + 1) % task.num_classes
-        row = {"index": k, "labels": labels.tolist()}
-        for name, label_set in (("true", labels), ("one swapped", swapped)):
-            Z = refine_text_embeddings(task, jac, g, label_set, means[label_set], steps=60)
-            row[name] = float((jac.apply(text_gradient(task, jac, Z, label_set)) - g).norm() / g.norm())
+        row = {"index": k, "labels": labels.tolist(), "true": residual(labels), "one swapped": residual(swapped)}
         if args.enumerate:
-            residuals = {}
-            for label_set in itertools.combinations(range(task.num_classes), len(labels)):
-                label_set = torch.tensor(label_set)
-                Z = refine_text_embeddings(task, jac, g, label_set, means[label_set], steps=60)
-                residuals[tuple(label_set.tolist())] = float(
-                    (jac.apply(text_gradient(task, jac, Z, label_set)) - g).norm() / g.norm())
+            residuals = {s: residual(torch.tensor(s))
+                         for s in itertools.combinations(range(task.num_classes), len(labels))}
             ranking = sorted(residuals, key=residuals.get)
             row["rank of true set"] = ranking.index(tuple(sorted(labels.tolist())))
         rows.append(row)
