@@ -11,14 +11,15 @@ through its unit-norm embedding z_i, and the gradient of the class text features
 so the observed gradient is g = J^T vec(G), with J = dT/dtheta the text side's Jacobian at the
 global parameters: the same for every client of a round, computed once (`TextJacobian`).
 J has fewer rows than G has entries for CoOp (256 against 640 on the tiny CLIP), so G cannot be
-read back directly; the embeddings are fitted on the exact model instead, from good starts:
+read back directly; the embeddings are fitted on the exact model instead, for candidate label
+sets, and the set that fits best gives the labels:
 - every (public embedding, label) pair is an "atom", the gradient one such example would
-  induce; at batch 1 the atoms best aligned with g are the starts, at batch B a greedy
-  pursuit picks B atoms whose non-negative combination explains g;
+  induce; the atoms best aligned with g give the candidates and starts at batch 1, and the
+  starts of every candidate set at batch B (`text_side` says which sets are tried);
 - when J^T is injective (a text adapter: 2,048 rows), G comes back by least squares, and its
   largest row -(1 - p_y) z gives the label and a start directly;
-- each start's embeddings are refined by Levenberg-Marquardt, labels fixed:
-  min_Z ||J^T vec(G(Z)) - g||^2, and the lowest residual wins (its labels are the answer).
+- each candidate's embeddings are refined by Levenberg-Marquardt, labels fixed, all candidates
+  at once with a closed-form Jacobian: min_Z ||J^T vec(G(Z)) - g||^2; the lowest residual wins.
 
 Image head (CLIP-Adapter's first layer, a linear probe). The weight W that multiplies the image
 tower's output f_i has gradient sum_i a_i f_i^T: rank one at batch 1, so f comes back exactly
@@ -31,10 +32,11 @@ and soft labels are fitted by cosine gradient matching through the head alone (n
 from __future__ import annotations
 
 import itertools
+import math
 
 import torch
 import torch.nn.functional as F
-from torch.func import grad, jacfwd, jvp, vjp, vmap
+from torch.func import grad, jvp, vjp, vmap
 
 from attacks.objectives import cosine_distance
 from fedsim.task import Params, Task, second_order_attention
@@ -115,78 +117,166 @@ def pursue(atoms: torch.Tensor, g: torch.Tensor, batch: int) -> list[tuple[int, 
     return [divmod(i, C) for i in chosen]
 
 
-def refine_text_embeddings(task: Task, jac: TextJacobian, g: torch.Tensor, labels: torch.Tensor,
-                           Z: torch.Tensor, steps: int = 30) -> torch.Tensor:
-    """Levenberg-Marquardt on the exact model: unit-norm Z [B, D] such that the gradient they
-    induce through J matches g, labels fixed."""
-    B = Z.shape[0]
+def induced_residual(jac: TextJacobian, scale: torch.Tensor, g: torch.Tensor, onehot: torch.Tensor,
+                     Z: torch.Tensor, with_jacobian: bool = True):
+    """r = J^T vec(G) - g for S candidate batches at once: labels `onehot` [S, B, C], embeddings
+    Z [S, B, D] (normalised here), G the text-feature gradient of CLIP's mean cross-entropy
+    (module docstring). Also dr/dZ [S, P, B*D] in closed form, which costs a few contractions
+    with J where forward-mode autodiff would push B*D tangents through them:
+    with z = Z/|Z|, p = softmax(s T z), e = p - y and J_c = J[c] [D, P],
+        dr/dz_i = (s/B) [ s (sum_c (z_i J_c) (H_i T)_c) + sum_c e_ic J_c ]^T,  H_i = diag(p_i) - p_i p_i^T,
+    then through the normalisation, dz/dZ = (I - z z^T) / |Z|."""
+    S, B, D = Z.shape
+    T, M = jac.text, jac.matrix  # [C, D], [C, D, P]
+    norm = Z.norm(dim=-1, keepdim=True)
+    z = Z / norm
+    p = torch.softmax(scale * z @ T.T, -1)  # [S, B, C]
+    e = p - onehot
+    r = scale / B * torch.einsum("sbc,sbd,cdp->sp", e, z, M) - g
+    if not with_jacobian:
+        return r, None
+    H = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]  # [S, B, C, C]
+    through_p = torch.einsum("sbd,cdp,sbce->sbpe", z, M, scale * H @ T)  # [S, B, P, D]
+    through_z = torch.einsum("sbc,cdp->sbpd", e, M)
+    tangent = (torch.eye(D, dtype=Z.dtype) - z[..., :, None] * z[..., None, :]) / norm[..., None]
+    dr = (scale / B * (through_p + through_z)) @ tangent  # [S, B, P, D]
+    return r, dr.permute(0, 2, 1, 3).reshape(S, -1, B * D)
 
-    def residual(Zf: torch.Tensor) -> torch.Tensor:
-        return jac.apply(text_gradient(task, jac, Zf.view(B, -1), labels)) - g
 
-    z = Z.double().reshape(-1).clone()
-    r = residual(z)
-    lam = 1e-3
-    for _ in range(steps):
-        if r.norm() < 1e-7 * g.norm():  # fitted to float32 precision: done
-            break
-        Jr = jacfwd(residual)(z)  # [P, B*D]
-        A = Jr.T @ Jr
-        damping = lam * A.diagonal().mean() * torch.eye(A.shape[0], dtype=A.dtype)
-        candidate = z + torch.linalg.solve(A + damping, -Jr.T @ r)
-        r_new = residual(candidate)
-        if r_new.norm() < r.norm():
-            z, r, lam = candidate, r_new, lam / 3
-        else:
-            lam *= 5
-            if lam > 1e6:
+def fit_label_sets(jac: TextJacobian, scale: torch.Tensor, g: torch.Tensor, label_sets: torch.Tensor,
+                   Z: torch.Tensor, steps: int = 30, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Levenberg-Marquardt on the exact model for every candidate label set at once, each with
+    its own damping: unit-norm Z [S, B, D] minimising ||J^T vec(G(Z)) - g|| with the labels of
+    `label_sets` [S, B] fixed, from the given starts. Returns each set's relative residual [S]
+    and its embeddings. Sets are fitted in chunks that bound the memory of their Jacobians."""
+    S, B, D = Z.shape
+    C, P = jac.text.shape[0], g.numel()
+    chunk = max(1, CHUNK_FLOATS // (4 * P * B * D))
+    residuals, fitted = [], []
+    chunks = -(-S // chunk)
+    for k, (labels, start) in enumerate(zip(label_sets.split(chunk), Z.double().split(chunk))):
+        onehot = F.one_hot(labels, C).double()
+        z = F.normalize(start, dim=-1)
+        r, dr = induced_residual(jac, scale, g, onehot, z)
+        lam = torch.full((len(z),), 1e-3, dtype=z.dtype)
+        eye = torch.eye(B * D, dtype=z.dtype)
+        for it in range(steps):
+            if progress:
+                progress(k * steps + it + 1, chunks * steps)
+            active = (lam < 1e6) & (r.norm(dim=1) > 1e-9 * g.norm())  # not stalled, not fitted exactly
+            if not active.any():
                 break
-    return F.normalize(z.view(B, -1), dim=-1)
+            A = dr.transpose(1, 2) @ dr
+            damping = (lam * A.diagonal(dim1=1, dim2=2).mean(-1))[:, None, None] * eye
+            step = torch.cholesky_solve(-(dr.transpose(1, 2) @ r[..., None]), torch.linalg.cholesky(A + damping))
+            candidate = F.normalize(z + step.view(z.shape), dim=-1)
+            r_new, dr_new = induced_residual(jac, scale, g, onehot, candidate)
+            better = active & (r_new.norm(dim=1) < r.norm(dim=1))
+            z = torch.where(better[:, None, None], candidate, z)
+            r = torch.where(better[:, None], r_new, r)
+            dr = torch.where(better[:, None, None], dr_new, dr)
+            lam = torch.where(better, lam / 3, lam * 5)
+        residuals.append(r.norm(dim=1) / g.norm())
+        fitted.append(z)
+    return torch.cat(residuals), torch.cat(fitted)
 
 
-def text_gradient(task: Task, jac: TextJacobian, Z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """dL/dT [C, D] for image embeddings Z [B, D] (normalised here) and labels, the client's
-    loss written through the model's own logits."""
-    z = F.normalize(Z.double(), dim=-1)
-    return grad(lambda text: F.cross_entropy(task.model.logits_with(z, text), labels))(jac.text)
+CHUNK_FLOATS = 2**26  # float64 entries of the label sets' Jacobians held at once (512 MiB)
+
+
+def candidate_label_sets(classes: int, batch: int, repeats: bool) -> torch.Tensor:
+    """Every set of `batch` distinct labels [S, B], or with `repeats` every multiset that repeats
+    at least one label (the complement: together they are all multisets)."""
+    if not repeats:
+        sets = list(itertools.combinations(range(classes), batch))
+    else:
+        sets = [s for s in itertools.combinations_with_replacement(range(classes), batch) if len(set(s)) < batch]
+    return torch.tensor(sets, dtype=torch.long).view(-1, batch)
+
+
+def count_label_sets(classes: int, batch: int, repeats: bool) -> int:
+    distinct = math.comb(classes, batch)
+    return math.comb(classes + batch - 1, batch) - distinct if repeats else distinct
+
+
+def starts_for(label_sets: torch.Tensor, ranked: list[torch.Tensor], public: torch.Tensor) -> torch.Tensor:
+    """Starting embeddings [S, B, D]: the k-th occurrence of label c in a set starts from the
+    k-th best public embedding for c (`ranked[c]`, indices into `public`)."""
+    picks = torch.empty_like(label_sets)
+    for s, labels in enumerate(label_sets.tolist()):
+        seen: dict[int, int] = {}
+        for b, c in enumerate(labels):
+            k = seen.get(c, 0)
+            seen[c] = k + 1
+            picks[s, b] = ranked[c][min(k, len(ranked[c]) - 1)]
+    return public[picks]
 
 
 def text_side(task: Task, params: Params, update: Params, batch: int, public_embeddings: torch.Tensor,
-              jacobian: TextJacobian | None = None, candidates: int = 8,
-              good_enough: float = 1e-4):
-    """(labels [B], unit-norm embeddings [B, D], diagnostics) from a text-side PEFT gradient."""
+              jacobian: TextJacobian | None = None, public_labels: torch.Tensor | None = None,
+              candidates: int = 8, good_enough: float = 1e-4, max_label_sets: int = 1024, steps: int = 30,
+              progress=None):
+    """(labels [B], unit-norm embeddings [B, D], diagnostics) from a text-side PEFT gradient.
+
+    Candidate label sets are fitted by `fit_label_sets` and the lowest residual wins:
+    - batch 1: the `candidates` (public embedding, label) atoms best aligned with g, and the
+      least-squares start where J^T is injective;
+    - batch B: the greedy pursuit's set; every set of B distinct labels when there are at most
+      `max_label_sets`; and, when none of those fits to `good_enough`, every multiset with a
+      repeated label, within the same bound. A wrong set leaves a residual one to three orders
+      of magnitude above the true set's (README, MIP), so trying them all finds it. Each set
+      starts from the public embeddings whose single-image atoms, for its labels, align best
+      with g (public images of that class only, given `public_labels`)."""
     names = [n for n in update if n in params]
     jac = jacobian or TextJacobian(task, params, names)
     g = flat_update(update, names)
     scale = task.model.clip.logit_scale.exp().double()
-    atoms = per_example_atoms(jac, scale, public_embeddings)
     pub = public_embeddings.double()
-    best = None
+    C, D = jac.text.shape
+    tried = []  # (label sets [S, B], their relative residuals [S], their embeddings [S, B, D])
+
+    def consider(label_sets: torch.Tensor, Z: torch.Tensor) -> float:
+        """Fit these candidates; the lowest residual of all tried so far."""
+        tried.append((label_sets, *fit_label_sets(jac, scale, g, label_sets, Z, steps, progress)))
+        return min(float(r.min()) for _, r, _ in tried)
+
+    def aligned(atoms: torch.Tensor) -> torch.Tensor:  # [N, C]: each atom's cosine with g
+        return F.cosine_similarity(atoms, g.view(1, 1, -1), dim=-1)
+
     if batch == 1:
-        # Every (public embedding, label) pair scored by how well its gradient aligns with g;
-        # the best few are refined on the exact model and the lowest residual wins.
-        scores = F.cosine_similarity(atoms, g.view(1, 1, -1), dim=-1).flatten()
-        starts = [[(pub[n], c)] for n, c in (divmod(int(i), atoms.shape[1])
-                                             for i in scores.topk(min(candidates, scores.numel())).indices)]
-        C, D = jac.text.shape
+        fitted = math.inf
         if g.numel() >= C * D:
             # J^T is injective (e.g. a text adapter): G itself comes back by least squares, and
             # at batch 1 it is s e z^T, whose label row is -(1 - p) z.
             G = torch.linalg.lstsq(jac.matrix.reshape(C * D, -1).T, g.unsqueeze(1)).solution.view(C, D)
             label = int(G.norm(dim=1).argmax())
-            starts.insert(0, [(F.normalize(-G[label], dim=0), label)])
+            fitted = consider(torch.tensor([[label]]), F.normalize(-G[label], dim=0).view(1, 1, D))
+        if fitted >= good_enough:  # not an exact fit yet: the best-aligned atoms
+            scores = aligned(per_example_atoms(jac, scale, pub))
+            top = scores.flatten().topk(min(candidates, scores.numel())).indices
+            consider((top % C)[:, None], pub[top // C][:, None])
     else:
-        starts = [[(pub[n], c) for n, c in pursue(atoms, g, batch)]]
-    for picks in starts:
-        labels = torch.tensor([c for _, c in picks])
-        Z = refine_text_embeddings(task, jac, g, labels, torch.stack([z for z, _ in picks]))
-        residual = float((jac.apply(text_gradient(task, jac, Z, labels)) - g).norm() / g.norm())
-        if best is None or residual < best[0]:
-            best = (residual, labels, Z)
-        if residual < good_enough:  # an exact fit: the other starts cannot do better
-            break
-    residual, labels, Z = best
-    return labels, Z.float(), {"relative_residual": residual}
+        atoms = per_example_atoms(jac, scale, pub)  # [N, C, P]
+        scores = aligned(atoms)
+        picks = pursue(atoms, g, batch)
+        fitted = consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None])
+        if public_labels is not None:  # a label's starts come from its own public images
+            own = public_labels.to(scores.device)[:, None] == torch.arange(C, device=scores.device)
+            scores = scores.masked_fill(~own, -2.0)
+        ranked = [scores[:, c].argsort(descending=True)[:batch] for c in range(C)]
+        for repeats in (False, True):
+            if count_label_sets(C, batch, repeats) > max_label_sets or (repeats and fitted < good_enough):
+                continue
+            more = candidate_label_sets(C, batch, repeats)
+            fitted = consider(more, starts_for(more, ranked, pub))
+    sets, residuals, Z = (torch.cat(parts) for parts in zip(*tried))
+    best = int(residuals.argmin())
+    info = {"relative_residual": float(residuals[best]), "label_sets_tried": len(sets)}
+    as_sets = sets.sort(dim=1).values
+    other = (as_sets != as_sets[best]).any(1)
+    if other.any():  # how well the best other label set fits: the margin of the labels
+        info["runner_up_residual"] = float(residuals[other].min())
+    return sets[best], Z[best].float(), info
 
 
 def head_side(task: Task, params: Params, update: Params, batch: int, weight_name: str,

@@ -17,16 +17,17 @@ No code of the paper is public; what it describes, and how each part is realised
    (`attacks.decoders`), whose output is the starting point of step 3 (or the answer, with
    zero refinement iterations).
 
-Departures, all ours where the paper is silent: the embedding fit (scoring public embeddings
-as starting points, Levenberg-Marquardt on the exact model), the decoders' architecture, the
+Departures, all ours where the paper is silent: the embedding fit and the label-set search
+(scoring public embeddings as starting points, Levenberg-Marquardt on the exact model for every
+candidate label set), the decoders' architecture, the
 tower-size rule. Visual-side PEFT (VPT, LoRA on the image tower, full fine-tuning) changes the
 tower itself, so steps 1-2 do not apply: those updates are attacked by gradient matching
 through the image tower, under a learned prior over blends of public images whose labels and
 weights fit the update (`attacks.tower_side`; the prior column says "public-blend"), under
 `--mip-prior tv` over pixels (the Inverting Gradients objective, `attacks.ig`) with joint soft
 labels, which on the tiny CLIP does not recover the images. Batches larger than one run on
-every route, but at batch 4 on CoOp the greedy pursuit rarely finds the label set, although
-the true set, once tried, fits the gradient far better than its neighbours (README, MIP).
+every route; on the text side every candidate label set is fitted and the best fit wins, which
+is exhaustive for up to 1,024 sets (README, MIP).
 """
 
 from __future__ import annotations
@@ -63,11 +64,12 @@ class MIP(Attack):
 
     def __init__(self, iterations: int = 100, restarts: int = 1, seed: int = 0, progress=None,
                  prior: str = "ridge", public_images: torch.Tensor | None = None, tv: float = 1e-2,
-                 lr: float = 0.05, anchor: float = 1.0):
+                 lr: float = 0.05, anchor: float = 1.0, public_labels: torch.Tensor | None = None):
         super().__init__(iterations, restarts, seed, progress)
         if prior not in MIP_PRIORS:
             raise ConfigError(f"--mip-prior {prior!r} is not valid; valid: {', '.join(MIP_PRIORS)}")
         self.prior, self.public_images, self.tv, self.lr, self.anchor = prior, public_images, tv, lr, anchor
+        self.public_labels = public_labels
         self._decoder = None
         self._round: dict | None = None
 
@@ -80,7 +82,7 @@ class MIP(Attack):
                               "reads the labels from the PEFT gradient itself")
         public = split_public(load_dataset(cfg))[1]
         return cls(iterations=cfg.attack_iters, restarts=cfg.attack_restarts, seed=cfg.seed, progress=progress,
-                   prior=cfg.mip_prior, public_images=public.images)
+                   prior=cfg.mip_prior, public_images=public.images, public_labels=public.labels)
 
     # -- parts -----------------------------------------------------------------------------
     def encode(self, task: Task):
@@ -118,7 +120,8 @@ class MIP(Attack):
             labels, features, info = head_side(task, params, update, B, task.model.feature_weight, generator=gen)
         elif route == "text":
             state = self.round_state(task, params, list(update))
-            labels, features, info = text_side(task, params, update, B, state["public"], jacobian=state["jacobian"])
+            labels, features, info = text_side(task, params, update, B, state["public"], jacobian=state["jacobian"],
+                                               public_labels=self.public_labels, progress=self.progress)
         else:
             return None
         return labels, features.to(task.device), {"route": route, **info}

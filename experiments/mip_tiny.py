@@ -10,7 +10,7 @@ every image scored here is one the decoders never saw. Parts (`--part`):
   cosine >= 0.999; coop cosine >= 0.99 and centred cosine >= 0.9 (the cross-image baseline,
   the centred cosine between different images' true embeddings, is printed next to it).
 - images: digits, batch 1 (`--images`, default 20), coop and adapter: MIP against the ceiling
-  (the same inversion from the true embedding) under each prior (conv, ridge, tv), with
+  (the same inversion from the true embedding) under each prior (`--priors`, default ridge conv tv), with
   `--iterations` refinement steps (0 = the decoder's output as is). Targets: MIP within 0.5 dB
   of the ceiling; learned prior: adapter >= 20 dB, SSIM >= 0.75, identifiability >= 80 %; coop
   >= 16 dB, SSIM >= 0.55.
@@ -25,7 +25,7 @@ every image scored here is one the decoders never saw. Parts (`--part`):
   recognisable by its residual? Levenberg-Marquardt from the class-mean public embeddings of
   the true set, and of the set with its first label swapped for the next class. With
   `--enumerate`, every set of 4 distinct labels is fitted the same way and the true set's rank
-  is reported (about 4.6 min per batch on one core).
+  is reported. (The attack itself searches the label sets from better starts: `--part recovery`.)
 - peft: the same images attacked under every PEFT method (coop, adapter, text-adapter,
   double-adapter, lora, vpt); lora (image tower) and vpt take MIP's gradient-matching route,
   `--iterations` steps; `--images` defaults to 8. (The prior ablation is the images part.)
@@ -40,7 +40,6 @@ Writes <out>/<part>.csv, grids (true images on top, reconstructions below) and p
 from __future__ import annotations
 
 import argparse
-import itertools
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ import torch.nn.functional as F
 
 from attacks.mip import MIP
 from defenses.base import Defense
-from fedsim.config import RunConfig
+from fedsim.config import MIP_PRIORS, RunConfig
 from fedsim.data import federated_data
 from fedsim.evaluate import embedding_similarity, evaluate, mean_embedding
 from fedsim.models import build_task, model_spec
@@ -140,7 +139,8 @@ def _match_embeddings(recovered: torch.Tensor, true: torch.Tensor) -> np.ndarray
     return cols[np.argsort(rows)]
 
 
-def part_images(args, out: Path, pefts=("adapter", "coop"), priors=("ridge", "conv", "tv")) -> pd.DataFrame:
+def part_images(args, out: Path, pefts=("adapter", "coop")) -> pd.DataFrame:
+    priors = args.priors
     rows, grids = [], {}
     for peft in pefts:
         cfg, data, spec, task = setting(peft, "digits", args.seed)
@@ -266,7 +266,7 @@ def part_ablation(args, out: Path) -> pd.DataFrame:
 
 def part_identifiability(args, out: Path) -> pd.DataFrame:
     from attacks.base import observed
-    from attacks.embeddings import flat_update, refine_text_embeddings, text_gradient
+    from attacks.embeddings import candidate_label_sets, fit_label_sets, flat_update
 
     cfg, data, spec, task = setting("coop", "digits", args.seed)
     attack = MIP.from_config(cfg)
@@ -280,19 +280,19 @@ def part_identifiability(args, out: Path) -> pd.DataFrame:
         means = torch.stack([F.normalize(public[data.public.labels == c].mean(0), dim=0)
                              for c in range(task.num_classes)])
 
-        def residual(label_set: torch.Tensor) -> float:
-            """Relative residual of LM from the class means of `label_set`."""
-            Z = refine_text_embeddings(task, jac, g, label_set, means[label_set], steps=60)
-            return float((jac.apply(text_gradient(task, jac, Z, label_set)) - g).norm() / g.norm())
+        scale = task.model.clip.logit_scale.exp().double()
+
+        def residuals(label_sets: torch.Tensor) -> torch.Tensor:
+            """Relative residuals of LM from the class means of each set in `label_sets` [S, B]."""
+            return fit_label_sets(jac, scale, g, label_sets, means[label_sets], steps=60)[0]
 
         swapped = labels.clone()
         swapped[0] = (swapped[0] + 1) % task.num_classes
-        row = {"index": k, "labels": labels.tolist(), "true": residual(labels), "one swapped": residual(swapped)}
+        true, one_swapped = residuals(torch.stack([labels, swapped])).tolist()
+        row = {"index": k, "labels": labels.tolist(), "true": true, "one swapped": one_swapped}
         if args.enumerate:
-            residuals = {s: residual(torch.tensor(s))
-                         for s in itertools.combinations(range(task.num_classes), len(labels))}
-            ranking = sorted(residuals, key=residuals.get)
-            row["rank of true set"] = ranking.index(tuple(sorted(labels.tolist())))
+            every = candidate_label_sets(task.num_classes, len(labels), repeats=False)
+            row["rank of true set"] = int((residuals(every) < true).sum())
         rows.append(row)
         print(f"#{k} {row['labels']}: residual true set {row['true']:.1e}, one swapped {row['one swapped']:.1e}"
               + (f", rank among all distinct sets {row['rank of true set']}" if args.enumerate else ""), flush=True)
@@ -347,6 +347,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enumerate", action="store_true", help="identifiability part: rank every label set")
+    parser.add_argument("--priors", nargs="+", default=list(MIP_PRIORS), choices=MIP_PRIORS, help="images part only")
     parser.add_argument("--pefts", nargs="+", default=list(ALL_PEFT), choices=ALL_PEFT, help="peft part only")
     parser.add_argument("--out", default="runs/mip")
     args = parser.parse_args()

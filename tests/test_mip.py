@@ -3,9 +3,19 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.func import grad, jacfwd
 
 from attacks.decoders import RidgeDecoder, learned_prior, shifted
-from attacks.embeddings import TextJacobian, head_side, text_side
+from attacks.embeddings import (
+    TextJacobian,
+    candidate_label_sets,
+    count_label_sets,
+    flat_update,
+    head_side,
+    induced_residual,
+    starts_for,
+    text_side,
+)
 from attacks.mip import MIP, route_of
 from defenses.base import Defense
 from fedsim.config import ConfigError, RunConfig
@@ -46,19 +56,72 @@ def test_adapter_gradient_gives_the_embedding_and_label_exactly(peft):
         assert F.cosine_similarity(z, true_embeddings(task, x)).item() > 0.9999
 
 
-def test_coop_gradient_gives_label_and_embedding_through_the_text_jacobian():
+@pytest.fixture(scope="module")
+def coop_round():
+    """A CoOp task on the pre-trained tiny CLIP, its text Jacobian and the public embeddings."""
     cfg, data, spec, task = setup("coop")
     params = task.trainable()
     jac = TextJacobian(task, params, list(params))
-    # the Jacobian is exact: J^T vec(dL/dT) reproduces the client's prompt gradient
-    x, y = data.private.images[3:4], data.private.labels[3:4]
-    obs = observe(cfg, spec, task, x, y)
     with torch.no_grad():
         public = task.embeddings(params, data.public.images)
-    labels, z, info = text_side(task, params, obs.update, 1, public, jacobian=jac)
+    return cfg, data, spec, task, jac, public
+
+
+def test_coop_gradient_gives_label_and_embedding_through_the_text_jacobian(coop_round):
+    cfg, data, spec, task, jac, public = coop_round
+    x, y = data.private.images[3:4], data.private.labels[3:4]
+    obs = observe(cfg, spec, task, x, y)
+    labels, z, info = text_side(task, task.trainable(), obs.update, 1, public, jacobian=jac)
     assert labels.tolist() == y.tolist()
     assert F.cosine_similarity(z, true_embeddings(task, x)).item() > 0.99
     assert info["relative_residual"] < 1e-3
+
+
+def test_closed_form_residual_and_jacobian_match_the_model(coop_round):
+    cfg, data, spec, task, jac, public = coop_round
+    obs = observe(cfg, spec, task, data.private.images[:2], data.private.labels[:2])
+    g = flat_update(obs.update, list(obs.update))
+    scale = task.model.clip.logit_scale.exp().double()
+    labels = torch.tensor([[1, 4], [7, 7]])
+    Z = 1.3 * public[:4].double().view(2, 2, -1)  # not unit norm: the normalisation is part of it
+    r, dr = induced_residual(jac, scale, g, F.one_hot(labels, task.num_classes).double(), Z)
+
+    def through_model(z_flat: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # The client's loss written through the model's own logits, differentiated by autograd.
+        z = F.normalize(z_flat.view(2, -1), dim=-1)
+        G = grad(lambda text: F.cross_entropy(task.model.logits_with(z, text), y))(jac.text)
+        return jac.apply(G) - g
+
+    for s in range(2):
+        assert torch.allclose(r[s], through_model(Z[s].reshape(-1), labels[s]), atol=1e-10)
+        assert torch.allclose(dr[s], jacfwd(through_model)(Z[s].reshape(-1), labels[s]), atol=1e-9)
+
+
+def test_batch_label_search_finds_the_set_and_separates_it(coop_round):
+    cfg, data, spec, task, jac, public = coop_round
+    labels = data.private.labels
+    idx = [int((labels == c).nonzero()[0]) for c in (2, 6)]
+    obs = observe(cfg, spec, task, data.private.images[idx], labels[idx])
+    found, z, info = text_side(task, task.trainable(), obs.update, 2, public, jacobian=jac,
+                               public_labels=data.public.labels)
+    assert sorted(found.tolist()) == [2, 6]
+    assert info["label_sets_tried"] == 1 + 45  # the pursuit's set, then every pair of distinct labels
+    assert info["runner_up_residual"] > 10 * info["relative_residual"]
+    truth = true_embeddings(task, data.private.images[idx])
+    cos = F.normalize(z, dim=-1) @ F.normalize(truth, dim=-1).T
+    assert cos.max(1).values.min() > 0.99
+
+
+def test_candidate_label_sets_cover_every_multiset_once():
+    distinct, repeated = candidate_label_sets(10, 4, False), candidate_label_sets(10, 4, True)
+    assert len(distinct) == count_label_sets(10, 4, False) == 210
+    assert len(repeated) == count_label_sets(10, 4, True) == 715 - 210
+    every = {tuple(s) for s in torch.cat([distinct, repeated]).tolist()}
+    assert len(every) == 715 and all(len(set(s)) < 4 for s in repeated.tolist())
+    # a repeated label starts its copies from different public embeddings
+    public = torch.randn(6, 3)
+    starts = starts_for(torch.tensor([[1, 1, 0]]), [torch.tensor([4, 5]), torch.tensor([2, 3])], public)
+    assert torch.equal(starts[0], public[[2, 3, 4]])
 
 
 def test_routes_follow_where_the_trainable_parameters_sit():
@@ -84,6 +147,9 @@ def test_ridge_decoder_interpolates_its_training_images_and_is_cached(tmp_path, 
     again = learned_prior("ridge", encoder, encode, images, 16)
     assert torch.equal(again.coef, decoder.coef)
     assert len(shifted(images)) == 9 * len(images)
+    some = shifted(images, 2, limit=50)  # a subset of the 25 shifted copies of each image
+    every = shifted(images, 2).flatten(1)
+    assert len(some) == 50 and (some.flatten(1)[:, None] == every[None]).all(-1).any(1).all()
     with pytest.raises(ValueError, match="valid: ridge, conv"):
         learned_prior("gan", encoder, encode, images, 16)
     assert isinstance(decoder, RidgeDecoder)
