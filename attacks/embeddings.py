@@ -166,16 +166,19 @@ def fit_label_sets(jac: TextJacobian, scale: torch.Tensor, g: torch.Tensor, labe
             active = (lam < 1e6) & (r.norm(dim=1) > 1e-9 * g.norm())  # not stalled, not fitted exactly
             if not active.any():
                 break
-            A = dr.transpose(1, 2) @ dr
+            A = dr.transpose(1, 2) @ dr  # singular along each z (the fit ignores |z|): the damping
             damping = (lam * A.diagonal(dim1=1, dim2=2).mean(-1))[:, None, None] * eye
-            step = torch.cholesky_solve(-(dr.transpose(1, 2) @ r[..., None]), torch.linalg.cholesky(A + damping))
+            factor, failed = torch.linalg.cholesky_ex(A + damping)
+            solvable = failed == 0  # a set whose damped system is still singular counts as a rejected step
+            factor[~solvable] = eye
+            step = torch.cholesky_solve(-(dr.transpose(1, 2) @ r[..., None]), factor)
             candidate = F.normalize(z + step.view(z.shape), dim=-1)
             r_new, dr_new = induced_residual(jac, scale, g, onehot, candidate)
-            better = active & (r_new.norm(dim=1) < r.norm(dim=1))
+            better = active & solvable & (r_new.norm(dim=1) < r.norm(dim=1))
             z = torch.where(better[:, None, None], candidate, z)
             r = torch.where(better[:, None], r_new, r)
             dr = torch.where(better[:, None, None], dr_new, dr)
-            lam = torch.where(better, lam / 3, lam * 5)
+            lam = torch.where(better, (lam / 3).clamp_min(1e-12), lam * 5)
         residuals.append(r.norm(dim=1) / g.norm())
         fitted.append(z)
     return torch.cat(residuals), torch.cat(fitted)

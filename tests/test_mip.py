@@ -258,3 +258,16 @@ def test_atom_distances_do_not_depend_on_the_chunking(monkeypatch):
     monkeypatch.setattr(tower_side, "CHUNK_FLOATS", sum(t.numel() for t in obs.update.values()) * 4)
     chunked = tower_side.atom_distances(task, task.trainable(), obs.update, public)
     assert whole.shape == (6, task.num_classes) and torch.allclose(whole, chunked, rtol=1e-4, atol=1e-6)
+
+
+def test_text_adapter_gradient_gives_label_and_embedding_through_the_attack():
+    # The update on which an experiment once crashed (the damped system of one candidate no
+    # longer factorised; such a step now counts as rejected). It did not crash in this test.
+    cfg, data, spec, task = setup("text-adapter", attack="mip")
+    x, y = data.private.images[968:969], data.private.labels[968:969]
+    params = task.trainable()
+    update = local_update(cfg, task, Defense(), x, y, params, torch.Generator().manual_seed(92))
+    obs = Observation(1, 92, "gradient", update, params, 1, cfg.lr, 1, spec)
+    labels, z, info = MIP.from_config(cfg).recover_embeddings(obs, task)
+    assert labels.tolist() == y.tolist() and info["relative_residual"] < 1e-4
+    assert F.cosine_similarity(z, true_embeddings(task, x)).item() > 0.99
