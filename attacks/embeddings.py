@@ -96,7 +96,7 @@ def per_example_atoms(jac: TextJacobian, scale: torch.Tensor, embeddings: torch.
     out = []
     for Z in embeddings.double().split(chunk):
         probs = torch.softmax(scale * Z @ T.T, -1)  # [n, C]
-        E = probs[:, None, :] - torch.eye(C, dtype=Z.dtype)[None]  # [n, label, C]
+        E = probs[:, None, :] - torch.eye(C, dtype=Z.dtype, device=Z.device)[None]  # [n, label, C]
         out.append(scale * torch.einsum("nlc,nd,cdp->nlp", E, Z, jac.matrix))
     return torch.cat(out)
 
@@ -118,7 +118,7 @@ def pursue(atoms: torch.Tensor, g: torch.Tensor, batch: int) -> list[tuple[int, 
 
 
 def induced_residual(jac: TextJacobian, scale: torch.Tensor, g: torch.Tensor, onehot: torch.Tensor,
-                     Z: torch.Tensor, with_jacobian: bool = True):
+                     Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """r = J^T vec(G) - g for S candidate batches at once: labels `onehot` [S, B, C], embeddings
     Z [S, B, D] (normalised here), G the text-feature gradient of CLIP's mean cross-entropy
     (module docstring). Also dr/dZ [S, P, B*D] in closed form, which costs a few contractions
@@ -133,12 +133,10 @@ def induced_residual(jac: TextJacobian, scale: torch.Tensor, g: torch.Tensor, on
     p = torch.softmax(scale * z @ T.T, -1)  # [S, B, C]
     e = p - onehot
     r = scale / B * torch.einsum("sbc,sbd,cdp->sp", e, z, M) - g
-    if not with_jacobian:
-        return r, None
     H = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]  # [S, B, C, C]
     through_p = torch.einsum("sbd,cdp,sbce->sbpe", z, M, scale * H @ T)  # [S, B, P, D]
     through_z = torch.einsum("sbc,cdp->sbpd", e, M)
-    tangent = (torch.eye(D, dtype=Z.dtype) - z[..., :, None] * z[..., None, :]) / norm[..., None]
+    tangent = (torch.eye(D, dtype=Z.dtype, device=Z.device) - z[..., :, None] * z[..., None, :]) / norm[..., None]
     dr = (scale / B * (through_p + through_z)) @ tangent  # [S, B, P, D]
     return r, dr.permute(0, 2, 1, 3).reshape(S, -1, B * D)
 
@@ -150,16 +148,17 @@ def fit_label_sets(jac: TextJacobian, scale: torch.Tensor, g: torch.Tensor, labe
     `label_sets` [S, B] fixed, from the given starts. Returns each set's relative residual [S]
     and its embeddings. Sets are fitted in chunks that bound the memory of their Jacobians."""
     S, B, D = Z.shape
-    C, P = jac.text.shape[0], g.numel()
+    C, P, device = jac.text.shape[0], g.numel(), jac.text.device
+    label_sets, Z = label_sets.to(device), Z.to(device, torch.float64)
     chunk = max(1, CHUNK_FLOATS // (4 * P * B * D))
     residuals, fitted = [], []
     chunks = -(-S // chunk)
-    for k, (labels, start) in enumerate(zip(label_sets.split(chunk), Z.double().split(chunk))):
+    for k, (labels, start) in enumerate(zip(label_sets.split(chunk), Z.split(chunk))):
         onehot = F.one_hot(labels, C).double()
         z = F.normalize(start, dim=-1)
         r, dr = induced_residual(jac, scale, g, onehot, z)
-        lam = torch.full((len(z),), 1e-3, dtype=z.dtype)
-        eye = torch.eye(B * D, dtype=z.dtype)
+        lam = torch.full((len(z),), 1e-3, dtype=z.dtype, device=device)
+        eye = torch.eye(B * D, dtype=z.dtype, device=device)
         for it in range(steps):
             if progress:
                 progress(k * steps + it + 1, chunks * steps)
@@ -234,13 +233,14 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
     jac = jacobian or TextJacobian(task, params, names)
     g = flat_update(update, names)
     scale = task.model.clip.logit_scale.exp().double()
-    pub = public_embeddings.double()
+    pub = public_embeddings.to(g.device, torch.float64)
     C, D = jac.text.shape
     tried = []  # (label sets [S, B], their relative residuals [S], their embeddings [S, B, D])
 
     def consider(label_sets: torch.Tensor, Z: torch.Tensor) -> float:
         """Fit these candidates; the lowest residual of all tried so far."""
-        tried.append((label_sets, *fit_label_sets(jac, scale, g, label_sets, Z, steps, progress)))
+        residuals, fitted = fit_label_sets(jac, scale, g, label_sets, Z, steps, progress)
+        tried.append((label_sets.cpu(), residuals.cpu(), fitted))
         return min(float(r.min()) for _, r, _ in tried)
 
     def aligned(atoms: torch.Tensor) -> torch.Tensor:  # [N, C]: each atom's cosine with g
