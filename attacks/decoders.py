@@ -11,9 +11,9 @@ image's mean colour), so the attacker learns the inverse map on images it has.
   up-convolutions to 32 px, a sigmoid), trained with MSE under Adam.
 Both learn from the public images and their shifted copies (the public split is small: 359
 digits): shifts of up to 2 pixels for `ridge`, 1 for `conv` (`SHIFT_REACH`). On held-out digits
-one-pixel shifts are worth about 1.5 dB to either; going to 2 pixels gives ridge a further
-0.06 dB in 5-fold cross-validation on the public split and 0.6 dB on the 20 test digits of
-`experiments/mip_tiny.py` (README, MIP).
+one-pixel shifts are worth about 1.1 dB to ridge in 5-fold cross-validation on the public
+split; 2 pixels a further 0.10 dB there, and 0.6 dB on the 20 test digits of
+`experiments/mip_tiny.py --part decoders` (README, MIP).
 
 Decoders take the unit-norm output of the image tower (before any trainable head), so one
 decoder serves every PEFT method on the same frozen CLIP, and are keyed in the cache on the
