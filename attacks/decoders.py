@@ -136,12 +136,13 @@ def learned_prior(kind: str, encoder: nn.Module, encode, public_images: torch.Te
     tower = fingerprint(*[p for p in encoder.state_dict().values() if p.is_floating_point()],
                         extra=f"{kind}-v{VERSION}-{image_shape}")
     path = cache_dir() / f"{kind}-{fingerprint(public_images, extra=tower)}.safetensors"
-    images = shifted(public_images, SHIFT_REACH[kind], RIDGE_ANCHORS if kind == "ridge" else None)
     if path.exists():
         state = load_file(path)
-        decoder = _new(kind, dim, image_shape, len(images))
+        anchors = len(state["anchors"]) if "anchors" in state else 0  # a ridge decoder keeps its training embeddings
+        decoder = _new(kind, dim, image_shape, anchors)
         decoder.load_state_dict(state)
         return decoder.eval()
+    images = shifted(public_images, SHIFT_REACH[kind], RIDGE_ANCHORS if kind == "ridge" else None)
     with torch.no_grad():
         z = torch.cat([encode(chunk) for chunk in images.split(256)]).cpu()
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
