@@ -14,12 +14,14 @@ J has fewer rows than G has entries for CoOp (256 against 640 on the tiny CLIP),
 read back directly; the embeddings are fitted on the exact model instead, for candidate label
 sets, and the set that fits best gives the labels:
 - every (public embedding, label) pair is an "atom", the gradient one such example would
-  induce; the atoms best aligned with g give the candidates and starts at batch 1, and the
-  starts of every candidate set at batch B (`text_side` says which sets are tried);
+  induce (a batch's gradient is the mean of its examples' atoms); atoms give the candidates
+  and starts at batch 1, and the starts of every candidate set at batch B (`text_side` says
+  which sets are tried);
 - when J^T is injective (a text adapter: 2,048 rows), G comes back by least squares, and its
   largest row -(1 - p_y) z gives the label and a start directly;
 - each candidate's embeddings are refined by Levenberg-Marquardt, labels fixed, all candidates
-  at once with a closed-form Jacobian: min_Z ||J^T vec(G(Z)) - g||^2; the lowest residual wins.
+  at once with a closed-form Jacobian: min_Z ||J^T vec(G(Z)) - g||^2; the lowest residual
+  wins (`attacks.label_search`).
 
 Image head (CLIP-Adapter's first layer, a linear probe). The weight W that multiplies the image
 tower's output f_i has gradient sum_i a_i f_i^T: rank one at batch 1, so f comes back exactly
@@ -38,6 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp, vmap
 
+from attacks.label_search import (
+    HALVING,
+    aligned_starts,
+    candidate_label_sets,
+    count_label_sets,
+    matched_starts,
+    successive_halving,
+)
 from attacks.objectives import cosine_distance
 from fedsim.task import Params, Task, second_order_attention
 
@@ -83,6 +93,9 @@ def _jacobian(fn, x: torch.Tensor, outputs: int, chunk: int) -> torch.Tensor:
     return torch.cat([vmap(lambda c: pullback(c)[0])(b) for b in basis.split(chunk)])
 
 
+SINGLE_STEPS = 30  # LM steps for each batch-1 candidate: a batch of one is far from the edge of identifiability
+
+
 def flat_update(update: Params, names: list[str]) -> torch.Tensor:
     return torch.cat([update[n].reshape(-1) for n in names]).double()
 
@@ -117,118 +130,22 @@ def pursue(atoms: torch.Tensor, g: torch.Tensor, batch: int) -> list[tuple[int, 
     return [divmod(i, C) for i in chosen]
 
 
-def induced_residual(jac: TextJacobian, scale: torch.Tensor, g: torch.Tensor, onehot: torch.Tensor,
-                     Z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """r = J^T vec(G) - g for S candidate batches at once: labels `onehot` [S, B, C], embeddings
-    Z [S, B, D] (normalised here), G the text-feature gradient of CLIP's mean cross-entropy
-    (module docstring). Also dr/dZ [S, P, B*D] in closed form, which costs a few contractions
-    with J where forward-mode autodiff would push B*D tangents through them:
-    with z = Z/|Z|, p = softmax(s T z), e = p - y and J_c = J[c] [D, P],
-        dr/dz_i = (s/B) [ s (sum_c (z_i J_c) (H_i T)_c) + sum_c e_ic J_c ]^T,  H_i = diag(p_i) - p_i p_i^T,
-    then through the normalisation, dz/dZ = (I - z z^T) / |Z|."""
-    S, B, D = Z.shape
-    T, M = jac.text, jac.matrix  # [C, D], [C, D, P]
-    norm = Z.norm(dim=-1, keepdim=True)
-    z = Z / norm
-    p = torch.softmax(scale * z @ T.T, -1)  # [S, B, C]
-    e = p - onehot
-    r = scale / B * torch.einsum("sbc,sbd,cdp->sp", e, z, M) - g
-    H = torch.diag_embed(p) - p[..., :, None] * p[..., None, :]  # [S, B, C, C]
-    through_p = torch.einsum("sbd,cdp,sbce->sbpe", z, M, scale * H @ T)  # [S, B, P, D]
-    through_z = torch.einsum("sbc,cdp->sbpd", e, M)
-    tangent = (torch.eye(D, dtype=Z.dtype, device=Z.device) - z[..., :, None] * z[..., None, :]) / norm[..., None]
-    dr = (scale / B * (through_p + through_z)) @ tangent  # [S, B, P, D]
-    return r, dr.permute(0, 2, 1, 3).reshape(S, -1, B * D)
-
-
-def fit_label_sets(jac: TextJacobian, scale: torch.Tensor, g: torch.Tensor, label_sets: torch.Tensor,
-                   Z: torch.Tensor, steps: int = 30, progress=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Levenberg-Marquardt on the exact model for every candidate label set at once, each with
-    its own damping: unit-norm Z [S, B, D] minimising ||J^T vec(G(Z)) - g|| with the labels of
-    `label_sets` [S, B] fixed, from the given starts. Returns each set's relative residual [S]
-    and its embeddings. Sets are fitted in chunks that bound the memory of their Jacobians."""
-    S, B, D = Z.shape
-    C, P, device = jac.text.shape[0], g.numel(), jac.text.device
-    label_sets, Z = label_sets.to(device), Z.to(device, torch.float64)
-    chunk = max(1, CHUNK_FLOATS // (4 * P * B * D))
-    residuals, fitted = [], []
-    chunks = -(-S // chunk)
-    for k, (labels, start) in enumerate(zip(label_sets.split(chunk), Z.split(chunk))):
-        onehot = F.one_hot(labels, C).double()
-        z = F.normalize(start, dim=-1)
-        r, dr = induced_residual(jac, scale, g, onehot, z)
-        lam = torch.full((len(z),), 1e-3, dtype=z.dtype, device=device)
-        eye = torch.eye(B * D, dtype=z.dtype, device=device)
-        for it in range(steps):
-            if progress:
-                progress(k * steps + it + 1, chunks * steps)
-            active = (lam < 1e6) & (r.norm(dim=1) > 1e-9 * g.norm())  # not stalled, not fitted exactly
-            if not active.any():
-                break
-            A = dr.transpose(1, 2) @ dr  # singular along each z (the fit ignores |z|): the damping
-            damping = (lam * A.diagonal(dim1=1, dim2=2).mean(-1))[:, None, None] * eye
-            factor, failed = torch.linalg.cholesky_ex(A + damping)
-            solvable = failed == 0  # a set whose damped system is still singular counts as a rejected step
-            factor[~solvable] = eye
-            step = torch.cholesky_solve(-(dr.transpose(1, 2) @ r[..., None]), factor)
-            candidate = F.normalize(z + step.view(z.shape), dim=-1)
-            r_new, dr_new = induced_residual(jac, scale, g, onehot, candidate)
-            better = active & solvable & (r_new.norm(dim=1) < r.norm(dim=1))
-            z = torch.where(better[:, None, None], candidate, z)
-            r = torch.where(better[:, None], r_new, r)
-            dr = torch.where(better[:, None, None], dr_new, dr)
-            lam = torch.where(better, (lam / 3).clamp_min(1e-12), lam * 5)
-        residuals.append(r.norm(dim=1) / g.norm())
-        fitted.append(z)
-    return torch.cat(residuals), torch.cat(fitted)
-
-
-CHUNK_FLOATS = 2**26  # float64 entries of the label sets' Jacobians held at once (512 MiB)
-
-
-def candidate_label_sets(classes: int, batch: int, repeats: bool) -> torch.Tensor:
-    """Every set of `batch` distinct labels [S, B], or with `repeats` every multiset that repeats
-    at least one label (the complement: together they are all multisets)."""
-    if not repeats:
-        sets = list(itertools.combinations(range(classes), batch))
-    else:
-        sets = [s for s in itertools.combinations_with_replacement(range(classes), batch) if len(set(s)) < batch]
-    return torch.tensor(sets, dtype=torch.long).view(-1, batch)
-
-
-def count_label_sets(classes: int, batch: int, repeats: bool) -> int:
-    distinct = math.comb(classes, batch)
-    return math.comb(classes + batch - 1, batch) - distinct if repeats else distinct
-
-
-def starts_for(label_sets: torch.Tensor, ranked: list[torch.Tensor], public: torch.Tensor) -> torch.Tensor:
-    """Starting embeddings [S, B, D]: the k-th occurrence of label c in a set starts from the
-    k-th best public embedding for c (`ranked[c]`, indices into `public`)."""
-    picks = torch.empty_like(label_sets)
-    for s, labels in enumerate(label_sets.tolist()):
-        seen: dict[int, int] = {}
-        for b, c in enumerate(labels):
-            k = seen.get(c, 0)
-            seen[c] = k + 1
-            picks[s, b] = ranked[c][min(k, len(ranked[c]) - 1)]
-    return public[picks]
-
-
 def text_side(task: Task, params: Params, update: Params, batch: int, public_embeddings: torch.Tensor,
               jacobian: TextJacobian | None = None, public_labels: torch.Tensor | None = None,
-              candidates: int = 8, good_enough: float = 1e-4, max_label_sets: int = 1024, steps: int = 30,
-              progress=None):
+              candidates: int = 8, good_enough: float = 1e-4, max_label_sets: int = 1024,
+              schedule=HALVING, progress=None):
     """(labels [B], unit-norm embeddings [B, D], diagnostics) from a text-side PEFT gradient.
 
-    Candidate label sets are fitted by `fit_label_sets` and the lowest residual wins:
+    Candidate label sets are fitted on the exact model (`attacks.label_search`) and the lowest
+    residual wins:
     - batch 1: the `candidates` (public embedding, label) atoms best aligned with g, and the
-      least-squares start where J^T is injective;
-    - batch B: the greedy pursuit's set; every set of B distinct labels when there are at most
-      `max_label_sets`; and, when none of those fits to `good_enough`, every multiset with a
-      repeated label, within the same bound. A wrong set leaves a residual one to three orders
-      of magnitude above the true set's (README, MIP), so trying them all finds it. Each set
-      starts from the public embeddings whose single-image atoms, for its labels, align best
-      with g (public images of that class only, given `public_labels`)."""
+      least-squares start where J^T is injective, each fitted `SINGLE_STEPS` LM steps;
+    - batch B: the greedy pursuit's set; then, by successive halving over `schedule`, every set
+      of B distinct labels when there are at most `max_label_sets`, and, when none of those fits
+      to `good_enough`, every multiset with a repeated label, within the same bound. Each set
+      starts twice: from the public embeddings whose single-image atoms, for its labels, align
+      best with g, and from those whose atoms jointly explain g best (public images of the
+      label's own class only, given `public_labels`)."""
     names = [n for n in update if n in params]
     jac = jacobian or TextJacobian(task, params, names)
     g = flat_update(update, names)
@@ -237,45 +154,49 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
     C, D = jac.text.shape
     tried = []  # (label sets [S, B], their relative residuals [S], their embeddings [S, B, D])
 
-    def consider(label_sets: torch.Tensor, Z: torch.Tensor) -> float:
-        """Fit these candidates; the lowest residual of all tried so far."""
-        residuals, fitted = fit_label_sets(jac, scale, g, label_sets, Z, steps, progress)
-        tried.append((label_sets.cpu(), residuals.cpu(), fitted))
+    def consider(label_sets: torch.Tensor, Z: torch.Tensor, plan) -> float:
+        """Fit these candidates from these starts; the lowest residual so far."""
+        residuals, fitted = successive_halving(jac, scale, g, label_sets, Z, plan, progress)
+        tried.append((label_sets.cpu(), residuals, fitted))
         return min(float(r.min()) for _, r, _ in tried)
 
     def aligned(atoms: torch.Tensor) -> torch.Tensor:  # [N, C]: each atom's cosine with g
         return F.cosine_similarity(atoms, g.view(1, 1, -1), dim=-1)
 
     if batch == 1:
+        single = ((SINGLE_STEPS, None),)
         fitted = math.inf
         if g.numel() >= C * D:
             # J^T is injective (e.g. a text adapter): G itself comes back by least squares, and
             # at batch 1 it is s e z^T, whose label row is -(1 - p) z.
             G = torch.linalg.lstsq(jac.matrix.reshape(C * D, -1).T, g.unsqueeze(1)).solution.view(C, D)
             label = int(G.norm(dim=1).argmax())
-            fitted = consider(torch.tensor([[label]]), F.normalize(-G[label], dim=0).view(1, 1, D))
+            fitted = consider(torch.tensor([[label]]), F.normalize(-G[label], dim=0).view(1, 1, D), single)
         if fitted >= good_enough:  # not an exact fit yet: the best-aligned atoms
             scores = aligned(per_example_atoms(jac, scale, pub))
             top = scores.flatten().topk(min(candidates, scores.numel())).indices
-            consider((top % C)[:, None], pub[top // C][:, None])
+            consider((top % C)[:, None], pub[top // C][:, None], single)
     else:
         atoms = per_example_atoms(jac, scale, pub)  # [N, C, P]
         scores = aligned(atoms)
         picks = pursue(atoms, g, batch)
-        fitted = consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None])
+        fitted = consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None], schedule)
+        allowed = torch.ones_like(scores, dtype=torch.bool)
         if public_labels is not None:  # a label's starts come from its own public images
-            own = public_labels.to(scores.device)[:, None] == torch.arange(C, device=scores.device)
-            scores = scores.masked_fill(~own, -2.0)
-        ranked = [scores[:, c].argsort(descending=True)[:batch] for c in range(C)]
+            allowed = public_labels.to(scores.device)[:, None] == torch.arange(C, device=scores.device)
+        ranked = [scores[:, c].masked_fill(~allowed[:, c], -2.0).argsort(descending=True)[:batch] for c in range(C)]
         for repeats in (False, True):
             if count_label_sets(C, batch, repeats) > max_label_sets or (repeats and fitted < good_enough):
                 continue
-            more = candidate_label_sets(C, batch, repeats)
-            fitted = consider(more, starts_for(more, ranked, pub))
+            sets = candidate_label_sets(C, batch, repeats)
+            first = aligned_starts(sets, ranked)
+            matched = matched_starts(sets, atoms, g, allowed, first)
+            fitted = consider(torch.cat([sets, sets]), pub[torch.cat([first, matched])], schedule)
     sets, residuals, Z = (torch.cat(parts) for parts in zip(*tried))
     best = int(residuals.argmin())
-    info = {"relative_residual": float(residuals[best]), "label_sets_tried": len(sets)}
     as_sets = sets.sort(dim=1).values
+    info = {"relative_residual": float(residuals[best]), "label_sets_tried": len(as_sets.unique(dim=0)),
+            "fits": len(sets)}
     other = (as_sets != as_sets[best]).any(1)
     if other.any():  # how well the best other label set fits: the margin of the labels
         info["runner_up_residual"] = float(residuals[other].min())

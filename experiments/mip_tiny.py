@@ -268,7 +268,8 @@ def part_ablation(args, out: Path) -> pd.DataFrame:
 
 def part_identifiability(args, out: Path) -> pd.DataFrame:
     from attacks.base import observed
-    from attacks.embeddings import candidate_label_sets, fit_label_sets, flat_update
+    from attacks.embeddings import flat_update
+    from attacks.label_search import candidate_label_sets, fit_label_sets
 
     cfg, data, spec, task = setting("coop", "digits", args.seed)
     attack = MIP.from_config(cfg)

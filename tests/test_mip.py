@@ -6,15 +6,15 @@ import torch.nn.functional as F
 from torch.func import grad, jacfwd
 
 from attacks.decoders import RidgeDecoder, learned_prior, shifted
-from attacks.embeddings import (
-    TextJacobian,
+from attacks.embeddings import TextJacobian, flat_update, head_side, text_side
+from attacks.label_search import (
+    aligned_starts,
     candidate_label_sets,
     count_label_sets,
-    flat_update,
-    head_side,
+    fit_label_sets,
     induced_residual,
-    starts_for,
-    text_side,
+    matched_starts,
+    successive_halving,
 )
 from attacks.mip import MIP, route_of
 from defenses.base import Defense
@@ -105,11 +105,44 @@ def test_batch_label_search_finds_the_set_and_separates_it(coop_round):
     found, z, info = text_side(task, task.trainable(), obs.update, 2, public, jacobian=jac,
                                public_labels=data.public.labels)
     assert sorted(found.tolist()) == [2, 6]
-    assert info["label_sets_tried"] == 1 + 45  # the pursuit's set, then every pair of distinct labels
+    assert info["label_sets_tried"] == 45  # every pair of distinct labels (the pursuit's set is one)
+    assert info["fits"] == 1 + 2 * 45  # the pursuit's set, then each pair from two starts
     assert info["runner_up_residual"] > 10 * info["relative_residual"]
     truth = true_embeddings(task, data.private.images[idx])
     cos = F.normalize(z, dim=-1) @ F.normalize(truth, dim=-1).T
     assert cos.max(1).values.min() > 0.99
+
+
+def test_successive_halving_fits_only_the_best_candidates_further(coop_round):
+    cfg, data, spec, task, jac, public = coop_round
+    obs = observe(cfg, spec, task, data.private.images[:2], data.private.labels[:2])
+    g = flat_update(obs.update, list(obs.update))
+    scale = task.model.clip.logit_scale.exp().double()
+    sets = candidate_label_sets(task.num_classes, 2, False)
+    starts = public[:2].double().expand(len(sets), 2, -1)
+    first, _ = fit_label_sets(jac, scale, g, sets, starts, 2)
+    residuals, _ = successive_halving(jac, scale, g, sets, starts, ((2, 3), (5, None)))
+    kept = first.argsort()[:3]
+    dropped = torch.ones(len(sets), dtype=torch.bool)
+    dropped[kept] = False
+    assert torch.equal(residuals[dropped], first[dropped])  # fitted once, then left alone
+    assert (residuals[kept] < first[kept]).all()
+
+
+def test_matched_starts_find_the_public_embeddings_that_explain_the_gradient():
+    atoms = torch.randn(30, 3, 500, dtype=torch.float64)  # near-orthogonal: the exact picks are unique
+    sets = torch.tensor([[0, 1, 2], [2, 2, 0]])
+    truth = torch.tensor([[4, 17, 9], [9, 21, 4]])
+    allowed = torch.ones(30, 3, dtype=torch.bool)
+    allowed[17, 0] = False  # public 17 may not start label 0
+    for s in range(2):
+        g = atoms[truth[s], sets[s]].mean(0)
+        picks = matched_starts(sets[s:s + 1], atoms, g, allowed, torch.zeros(1, 3, dtype=torch.long))
+        assert picks.tolist() == truth[s:s + 1].tolist()
+    # a public embedding excluded for a label, or held by another slot with the same label, is never picked
+    g = atoms[[17, 17], [0, 0]].mean(0)
+    picks = matched_starts(torch.tensor([[0, 0]]), atoms, g, allowed, torch.tensor([[1, 2]]))
+    assert 17 not in picks.tolist()[0] and picks[0, 0] != picks[0, 1]
 
 
 def test_candidate_label_sets_cover_every_multiset_once():
@@ -119,9 +152,8 @@ def test_candidate_label_sets_cover_every_multiset_once():
     every = {tuple(s) for s in torch.cat([distinct, repeated]).tolist()}
     assert len(every) == 715 and all(len(set(s)) < 4 for s in repeated.tolist())
     # a repeated label starts its copies from different public embeddings
-    public = torch.randn(6, 3)
-    starts = starts_for(torch.tensor([[1, 1, 0]]), [torch.tensor([4, 5]), torch.tensor([2, 3])], public)
-    assert torch.equal(starts[0], public[[2, 3, 4]])
+    starts = aligned_starts(torch.tensor([[1, 1, 0]]), [torch.tensor([4, 5]), torch.tensor([2, 3])])
+    assert starts.tolist() == [[2, 3, 4]]
 
 
 def test_routes_follow_where_the_trainable_parameters_sit():
