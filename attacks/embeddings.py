@@ -138,14 +138,15 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
 
     Candidate label sets are fitted on the exact model (`attacks.label_search`) and the lowest
     residual wins:
-    - batch 1: the `candidates` (public embedding, label) atoms best aligned with g, and the
-      least-squares start where J^T is injective, each fitted `SINGLE_STEPS` LM steps;
-    - batch B: the greedy pursuit's set; then, by successive halving over `schedule`, every set
-      of B distinct labels when there are at most `max_label_sets`, and, when none of those fits
-      to `good_enough`, every multiset with a repeated label, within the same bound. Each set
-      starts twice: from the public embeddings whose single-image atoms, for its labels, align
-      best with g, and from those whose atoms jointly explain g best (public images of the
-      label's own class only, given `public_labels`)."""
+    - batch 1: the least-squares start where J^T is injective and, unless it fits to
+      `good_enough`, the `candidates` (public embedding, label) atoms best aligned with g, each
+      fitted `SINGLE_STEPS` LM steps;
+    - batch B: the greedy pursuit's set, and by successive halving over `schedule` every
+      multiset of B labels if there are at most `max_label_sets`, else every set of B distinct
+      labels within the same bound (a batch that repeats a label is then out of reach). Each
+      set starts twice: from the public embeddings whose single-image atoms, for its labels,
+      align best with g, and from those whose atoms jointly explain g best (public images of
+      the label's own class only, given `public_labels`)."""
     names = [n for n in update if n in params]
     jac = jacobian or TextJacobian(task, params, names)
     g = flat_update(update, names)
@@ -180,18 +181,17 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
         atoms = per_example_atoms(jac, scale, pub)  # [N, C, P]
         scores = aligned(atoms)
         picks = pursue(atoms, g, batch)
-        fitted = consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None], schedule)
+        consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None], schedule)
         allowed = torch.ones_like(scores, dtype=torch.bool)
         if public_labels is not None:  # a label's starts come from its own public images
             allowed = public_labels.to(scores.device)[:, None] == torch.arange(C, device=scores.device)
         ranked = [scores[:, c].masked_fill(~allowed[:, c], -2.0).argsort(descending=True)[:batch] for c in range(C)]
-        for repeats in (False, True):
-            if count_label_sets(C, batch, repeats) > max_label_sets or (repeats and fitted < good_enough):
-                continue
-            sets = candidate_label_sets(C, batch, repeats)
+        distinct = count_label_sets(C, batch, distinct=False) > max_label_sets
+        if count_label_sets(C, batch, distinct) <= max_label_sets:
+            sets = candidate_label_sets(C, batch, distinct)
             first = aligned_starts(sets, ranked)
             matched = matched_starts(sets, atoms, g, allowed, first)
-            fitted = consider(torch.cat([sets, sets]), pub[torch.cat([first, matched])], schedule)
+            consider(torch.cat([sets, sets]), pub[torch.cat([first, matched])], schedule)
     sets, residuals, Z = (torch.cat(parts) for parts in zip(*tried))
     best = int(residuals.argmin())
     as_sets = sets.sort(dim=1).values

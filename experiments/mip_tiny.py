@@ -294,7 +294,7 @@ def part_identifiability(args, out: Path) -> pd.DataFrame:
         true, one_swapped = residuals(torch.stack([labels, swapped])).tolist()
         row = {"index": k, "labels": labels.tolist(), "true": true, "one swapped": one_swapped}
         if args.enumerate:
-            every = candidate_label_sets(task.num_classes, len(labels), repeats=False)
+            every = candidate_label_sets(task.num_classes, len(labels), distinct=True)
             row["rank of true set"] = int((residuals(every) < true).sum())
         rows.append(row)
         print(f"#{k} {row['labels']}: residual true set {row['true']:.1e}, one swapped {row['one swapped']:.1e}"
