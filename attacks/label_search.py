@@ -155,7 +155,7 @@ def matched_starts(label_sets: torch.Tensor, atoms: torch.Tensor, g: torch.Tenso
     only where `allowed` [N, C] says so for its label, and never one another slot with the same
     label holds (two identical starts with one label would stay identical under LM)."""
     S, B = label_sets.shape
-    N, C, P = atoms.shape
+    N = atoms.shape[0]
     by_class = atoms.transpose(0, 1)  # [C, N, P]
     squared = by_class.pow(2).sum(-1)  # [C, N]
     picks = first.clone()
@@ -165,7 +165,10 @@ def matched_starts(label_sets: torch.Tensor, atoms: torch.Tensor, g: torch.Tenso
         for b in range(B):
             c = label_sets[:, b]
             rest = chosen.sum(1) - chosen[:, b] - B * g  # what the other slots leave unexplained, times B
-            inner = (rest @ atoms.reshape(N * C, P).T).view(S, N, C)[rows, :, c]  # [S, N]
+            inner = torch.empty(S, N, dtype=atoms.dtype, device=atoms.device)
+            for label in c.unique():
+                here = c == label
+                inner[here] = rest[here] @ by_class[label].T
             cost = 2 * inner + squared[c]  # ||rest + a_n||^2 - ||rest||^2
             cost = cost.masked_fill(~allowed.T[c], math.inf)
             for other in range(B):

@@ -18,16 +18,16 @@ No code of the paper is public; what it describes, and how each part is realised
    zero refinement iterations).
 
 Departures, all ours where the paper is silent: the embedding fit and the label-set search
-(scoring public embeddings as starting points, Levenberg-Marquardt on the exact model for every
-candidate label set), the decoders' architecture, the
+(public embeddings as starting points, Levenberg-Marquardt on the exact model for every
+candidate label set, successive halving at batch B: `attacks.label_search`), the decoders' architecture, the
 tower-size rule. Visual-side PEFT (VPT, LoRA on the image tower, full fine-tuning) changes the
 tower itself, so steps 1-2 do not apply: those updates are attacked by gradient matching
 through the image tower, under a learned prior over blends of public images whose labels and
 weights fit the update (`attacks.tower_side`; the prior column says "public-blend"), under
 `--mip-prior tv` over pixels (the Inverting Gradients objective, `attacks.ig`) with joint soft
 labels, which on the tiny CLIP does not recover the images. Batches larger than one run on
-every route; on the text side every candidate label set is fitted and the best fit wins, which
-is exhaustive for up to 1,024 sets (README, MIP).
+every route; on the text side every label multiset is fitted and the best fit wins, which is
+exhaustive for up to 1,024 multisets (README, MIP).
 """
 
 from __future__ import annotations
