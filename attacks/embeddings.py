@@ -141,12 +141,12 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
     - batch 1: the least-squares start where J^T is injective and, unless it fits to
       `good_enough`, the `candidates` (public embedding, label) atoms best aligned with g, each
       fitted `SINGLE_STEPS` LM steps;
-    - batch B: the greedy pursuit's set, and by successive halving over `schedule` every
-      multiset of B labels if there are at most `max_label_sets`, else every set of B distinct
-      labels within the same bound (a batch that repeats a label is then out of reach). Each
-      set starts twice: from the public embeddings whose single-image atoms, for its labels,
-      align best with g, and from those whose atoms jointly explain g best (public images of
-      the label's own class only, given `public_labels`)."""
+    - batch B: the greedy pursuit's set, then by successive halving over `schedule` every set
+      of B distinct labels, and separately every multiset that repeats a label, each pool only
+      if all its label multisets number at most `max_label_sets` (beyond that, batches that
+      repeat a label are out of reach). Each set starts twice: from the public embeddings whose
+      single-image atoms, for its labels, align best with g, and from those whose atoms jointly
+      explain g best (public images of the label's own class only, given `public_labels`)."""
     names = [n for n in update if n in params]
     jac = jacobian or TextJacobian(task, params, names)
     g = flat_update(update, names)
@@ -186,9 +186,15 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
         if public_labels is not None:  # a label's starts come from its own public images
             allowed = public_labels.to(scores.device)[:, None] == torch.arange(C, device=scores.device)
         ranked = [scores[:, c].masked_fill(~allowed[:, c], -2.0).argsort(descending=True)[:batch] for c in range(C)]
-        distinct = count_label_sets(C, batch, distinct=False) > max_label_sets
-        if count_label_sets(C, batch, distinct) <= max_label_sets:
-            sets = candidate_label_sets(C, batch, distinct)
+        # Two pools, each halved on its own: a distinct-label set that converges late is not cut
+        # for the sake of the many multisets (a repeat of one of its labels often fits early).
+        pools = []
+        if count_label_sets(C, batch, distinct=True) <= max_label_sets:
+            pools.append(candidate_label_sets(C, batch, distinct=True))
+        if count_label_sets(C, batch, distinct=False) <= max_label_sets:
+            every = candidate_label_sets(C, batch, distinct=False)  # sorted: a repeat sits next to its twin
+            pools.append(every[(every[:, 1:] == every[:, :-1]).any(1)])
+        for sets in pools:
             first = aligned_starts(sets, ranked)
             matched = matched_starts(sets, atoms, g, allowed, first)
             consider(torch.cat([sets, sets]), pub[torch.cat([first, matched])], schedule)

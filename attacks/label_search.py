@@ -10,7 +10,8 @@ stall near 1e-3 (README, MIP). Two things make the search reliable there:
 - two starts per set: the public embeddings whose single-image gradients align best with g,
   label by label, and those whose gradients jointly explain g best (`matched_starts`);
 - successive halving (`successive_halving`): every candidate gets a few steps, the best get
-  more, and only a handful are fitted to convergence, so convergence is affordable.
+  more, and only a handful are fitted to convergence, so convergence is affordable. Sets of
+  distinct labels and sets that repeat a label are halved apart (`attacks.embeddings.text_side`).
 This search is ours: the paper (Zhou et al. 2024, arXiv 2403.07901) predicts labels from the
 PEFT gradient without saying how for a batch.
 """
@@ -24,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 CHUNK_FLOATS = 2**26  # float64 entries of the label sets' Jacobians held at once (512 MiB)
-# (LM steps, candidates kept after them). At batch 4 with 10 classes (715 label multisets, two
-# starts each) the true set ranked at worst 25th of 420 distinct-label candidates after the first
-# round in 20 probe batches (README, MIP); the later rounds fit a handful to convergence.
+# (LM steps, candidates kept after them). At batch 4 with 10 classes (210 distinct-label sets,
+# two starts each) the true set ranked at worst 25th of the 420 candidates after the first round
+# in 20 probe batches (README, MIP); the later rounds fit a handful to convergence.
 HALVING = ((10, 128), (20, 32), (40, 8), (100, None))
 
 
