@@ -3,9 +3,10 @@ batch exactly right, and by what margin did it win?
 
 Two kinds of batches, each update from the real client code (`experiments/mip_tiny.py` helpers):
 - `--labels distinct`: the batches of `mip_tiny.py --part recovery` (distinct labels, the
-  issue's target), from `--first` on, so batches that part did not score can be checked too;
+  issue's target; the same seeds, so `--first 20` checks batches that part does not score);
 - `--labels repeated`: random batches that repeat at least one label (the attack is never
   told which kind it faces).
+`--first` skips that many batches of the kind, so a long run can be split across processes.
 
 Prints each batch (true and found labels, the winning residual and the best other set's) and
 writes <out>/labels_<kind>.csv.
@@ -35,19 +36,20 @@ def label_batches(data, kind: str, first: int, n: int, seed: int):
         stream = enumerate(batches(data, first + n, BATCH, seed + BATCH, True))
         yield from ((k, idx) for k, idx in stream if k >= first)
         return
-    found = 0
-    for k, idx in enumerate(batches(data, 100 * n, BATCH, seed + 99, False)):
+    found = 0  # the stream's repeated-label batches seen so far
+    for k, idx in enumerate(batches(data, 100 * (first + n), BATCH, seed + 99, False)):
         if len(set(data.private.labels[idx].tolist())) < BATCH:
-            yield k, idx
             found += 1
-            if found == n:
+            if found > first:
+                yield k, idx
+            if found == first + n:
                 return
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--labels", choices=["distinct", "repeated"], default="repeated")
-    parser.add_argument("--first", type=int, default=0, help="distinct: skip this many batches of the stream")
+    parser.add_argument("--first", type=int, default=0, help="skip this many batches of the kind")
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/mip")
