@@ -103,9 +103,12 @@ def test_batch_label_search_finds_the_set_and_separates_it(coop_round, classes):
     labels = data.private.labels
     idx = [int((labels == c).nonzero()[k]) for k, c in enumerate(classes)]  # two different images
     obs = observe(cfg, spec, task, data.private.images[idx], labels[idx])
+    ticks = []
     found, z, info = text_side(task, task.trainable(), obs.update, 2, public, jacobian=jac,
-                               public_labels=data.public.labels)
+                               public_labels=data.public.labels, progress=lambda done, of: ticks.append(done / of))
     assert sorted(found.tolist()) == list(classes)
+    # the pursuit's set, then the two pools: three runs, each counting up to at most its total
+    assert all(0 < t <= 1 for t in ticks) and sum(b < a for a, b in zip(ticks, ticks[1:])) == 2
     assert info["label_sets_tried"] == 55  # every pair of labels, repeats included (the pursuit's set is one)
     assert info["fits"] == 1 + 2 * 55  # the pursuit's set, then each pair from two starts
     assert info["runner_up_residual"] > 10 * info["relative_residual"]
