@@ -143,17 +143,23 @@ def learned_prior(kind: str, encoder: nn.Module, encode, public_images: torch.Te
         decoder.load_state_dict(state)
         return decoder.eval()
     images = shifted(public_images, SHIFT_REACH[kind], RIDGE_ANCHORS if kind == "ridge" else None)
-    with torch.no_grad():
-        z = torch.cat([encode(chunk) for chunk in images.split(256)]).cpu()
-    with torch.random.fork_rng(devices=[]), torch.enable_grad():
-        torch.manual_seed(0)
-        decoder = _new(kind, dim, image_shape, len(images))
-        decoder.fit(z, images.cpu(), progress=progress)
+    decoder = fit_decoder(kind, encode, images, dim, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in decoder.state_dict().items()}, str(tmp))
     os.replace(tmp, path)
     return decoder.eval()
+
+
+def fit_decoder(kind: str, encode, images: torch.Tensor, dim: int, progress=None) -> nn.Module:
+    """A decoder of `kind` trained, seeded, to map `encode(images)` back to `images` (no cache)."""
+    with torch.no_grad():
+        z = torch.cat([encode(chunk) for chunk in images.split(256)]).cpu()
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        torch.manual_seed(0)
+        decoder = _new(kind, dim, tuple(images.shape[1:]), len(images))
+        decoder.fit(z, images.cpu(), progress=progress)
+    return decoder
 
 
 def _new(kind: str, dim: int, image_shape, n: int) -> nn.Module:

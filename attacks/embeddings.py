@@ -142,11 +142,12 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
       `good_enough`, the `candidates` (public embedding, label) atoms best aligned with g, each
       fitted `SINGLE_STEPS` LM steps;
     - batch B: the greedy pursuit's set, then by successive halving over `schedule` every set
-      of B distinct labels, and separately every multiset that repeats a label, each pool only
-      if all its label multisets number at most `max_label_sets` (beyond that, batches that
-      repeat a label are out of reach). Each set starts twice: from the public embeddings whose
-      single-image atoms, for its labels, align best with g, and from those whose atoms jointly
-      explain g best (public images of the label's own class only, given `public_labels`)."""
+      of B distinct labels if there are at most `max_label_sets`, and separately every multiset
+      that repeats a label if there are at most `max_label_sets` multisets in all (beyond that,
+      batches that repeat a label are out of reach). Each set starts twice: from the public
+      embeddings whose single-image atoms, for its labels, align best with g, and from those
+      whose atoms jointly explain g best (public images of the label's own class only, given
+      `public_labels`)."""
     names = [n for n in update if n in params]
     jac = jacobian or TextJacobian(task, params, names)
     g = flat_update(update, names)

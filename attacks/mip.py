@@ -19,8 +19,8 @@ No code of the paper is public; what it describes, and how each part is realised
 
 Departures, all ours where the paper is silent: the embedding fit and the label-set search
 (public embeddings as starting points, Levenberg-Marquardt on the exact model for every
-candidate label set, successive halving at batch B: `attacks.label_search`), the decoders' architecture, the
-tower-size rule. Visual-side PEFT (VPT, LoRA on the image tower, full fine-tuning) changes the
+candidate label set, successive halving at batch B: `attacks.label_search`), the decoders'
+architecture, the tower-size rule. Visual-side PEFT (VPT, LoRA on the image tower, full fine-tuning) changes the
 tower itself, so steps 1-2 do not apply: those updates are attacked by gradient matching
 through the image tower, under a learned prior over blends of public images whose labels and
 weights fit the update (`attacks.tower_side`; the prior column says "public-blend"), under

@@ -312,18 +312,17 @@ def part_decoders(args, out: Path) -> pd.DataFrame:
     """The ridge decoder's shift reach, judged without the test digits: 5-fold cross-validation
     on the public split (median PSNR of held-out public digits), next to the test digits of the
     images part; both on the decoder's output from the true embedding, before refinement."""
-    from attacks.decoders import RidgeDecoder, shifted
+    from attacks.decoders import fit_decoder, shifted
 
     cfg, data, spec, task = setting("adapter", "digits", args.seed)
     encode, public = MIP(public_images=data.public.images).encode(task), data.public.images
     test = data.private.images[np.concatenate(list(batches(data, args.images, 1, args.seed, False)))]
 
+    dim = encode(public[:1]).shape[-1]
+
     def median_psnr(train: torch.Tensor, held: torch.Tensor, reach: int) -> float:
-        images = shifted(train, reach)
+        decoder = fit_decoder("ridge", encode, shifted(train, reach), dim)
         with torch.no_grad():
-            z = torch.cat([encode(chunk) for chunk in images.split(256)])
-            decoder = RidgeDecoder(z.shape[1], tuple(images.shape[1:]))
-            decoder.fit(z, images)
             mse = ((decoder(encode(held)) - held) ** 2).flatten(1).mean(1)
         return float(np.median(10 * np.log10(1 / mse.numpy())))  # torch's median is the lower middle
 
