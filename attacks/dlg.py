@@ -27,20 +27,20 @@ import time
 
 import torch
 
-from attacks.base import Attack, Reconstruction, observed, strategy_labels
+from attacks.labels import LABEL_STRATEGY, strategy_argument, strategy_labels
 from attacks.objectives import l2_distance
-from fedsim.observation import Observation
-from fedsim.task import Task
+from fedsim.api import Attack, Observation, Reconstruction, Task, observed
 
 
 class DLG(Attack):
     name = "dlg"
+    options = (*Attack.options, LABEL_STRATEGY)
 
     def __init__(self, iterations: int = 300, restarts: int = 1, seed: int = 0, progress=None,
                  lr: float = 1.0, inner_steps: int = 20, history_size: int = 100,
                  label_strategy: str | None = None):
         super().__init__(iterations, restarts, seed, progress)
-        self.label_strategy = label_strategy  # None: soft labels optimised jointly (DLG)
+        self.label_strategy = strategy_argument(label_strategy, None)  # None: soft labels optimised jointly
         self.lr = lr
         self.inner_steps = inner_steps  # L-BFGS iterations per optimiser.step(), as in DLG's code
         self.history_size = history_size

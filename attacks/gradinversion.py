@@ -56,17 +56,17 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from attacks.base import Attack, Reconstruction, observed
 from attacks.ig import resolve_labels
+from attacks.labels import LABEL_STRATEGY, strategy_argument
 from attacks.objectives import l2_distance
 from attacks.optim import UNIT_BOX, adam_loop, init_dummies, per_restart, to_pixels
 from attacks.priors import BatchNormStatistics, group_consistency, l2_prior, total_variation
-from fedsim.observation import Observation
-from fedsim.task import Task
+from fedsim.api import Attack, Observation, Reconstruction, Task, observed
 
 
 class GradInversion(Attack):
     name = "gradinversion"
+    options = (*Attack.options, LABEL_STRATEGY)
 
     def __init__(self, iterations: int = 20_000, restarts: int = 4, seed: int = 0, progress=None,
                  lr: float = 0.1, label_strategy: str | None = "gradinversion",
@@ -76,7 +76,7 @@ class GradInversion(Attack):
                  noise: float = 0.01, group_every: int = 100, max_shift: int | None = None,
                  schedule: str = "cosine", warmup: int = 50):
         super().__init__(iterations, restarts, seed, progress)
-        self.lr, self.label_strategy = lr, label_strategy
+        self.lr, self.label_strategy = lr, strategy_argument(label_strategy, "gradinversion")
         self.fidelity, self.bn_prior = fidelity, bn_prior
         self.group_consistency, self.langevin = group_consistency, langevin
         self.grad_scale, self.tv, self.l2, self.bn = grad_scale, tv, l2, bn

@@ -19,6 +19,7 @@ label strategy raises `LabelStrategyError` (pass another, e.g. "llg" or "ilrg").
 from __future__ import annotations
 
 from attacks.dlg import DLG
+from attacks.labels import strategy_argument
 
 
 class IDLG(DLG):
@@ -27,4 +28,5 @@ class IDLG(DLG):
     def __init__(self, iterations: int = 300, restarts: int = 1, seed: int = 0, progress=None,
                  lr: float = 1.0, inner_steps: int = 20, history_size: int = 100,
                  label_strategy: str = "idlg"):
-        super().__init__(iterations, restarts, seed, progress, lr, inner_steps, history_size, label_strategy)
+        super().__init__(iterations, restarts, seed, progress, lr, inner_steps, history_size,
+                         strategy_argument(label_strategy, "idlg"))

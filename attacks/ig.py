@@ -34,23 +34,23 @@ import time
 
 import torch
 
-from attacks.base import Attack, Reconstruction, observed, strategy_labels
+from attacks.labels import LABEL_STRATEGY, strategy_argument, strategy_labels
 from attacks.objectives import cosine_distance
 from attacks.optim import UNIT_BOX, adam_loop, init_dummies, per_restart, to_pixels
 from attacks.priors import total_variation
-from fedsim.observation import Observation
-from fedsim.task import Task
+from fedsim.api import Attack, Observation, Reconstruction, Task, observed
 
 
 class InvertingGradients(Attack):
     name = "ig"
+    options = (*Attack.options, LABEL_STRATEGY)
 
     def __init__(self, iterations: int = 24_000, restarts: int = 1, seed: int = 0, progress=None,
                  lr: float = 0.1, tv: float = 1e-4, signed: bool = True, boxed: bool = True,
                  schedule: str = "step", label_strategy: str | None = "auto"):
         super().__init__(iterations, restarts, seed, progress)
         self.lr, self.tv, self.signed, self.boxed, self.schedule = lr, tv, signed, boxed, schedule
-        self.label_strategy = label_strategy
+        self.label_strategy = strategy_argument(label_strategy, "auto")
 
     def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:
         start = time.perf_counter()

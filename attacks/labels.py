@@ -33,11 +33,12 @@ import torch
 from torch import nn
 
 from fedsim.observation import Observation
+from fedsim.options import Option
 from fedsim.task import Task
 
 __all__ = ["LabelStrategyError", "LastLayer", "STRATEGIES", "class_probabilities", "gradinversion", "idlg", "ilrg",
            "ilrg_counts", "last_linear_layer", "layer_gradient", "llg", "recover_labels", "round_counts",
-           "solve_counts"]
+           "solve_counts", "strategy_labels", "LABEL_STRATEGY", "strategy_argument"]
 
 
 class LabelStrategyError(ValueError):
@@ -274,3 +275,23 @@ def recover_labels(name: str, observation: Observation, task: Task) -> torch.Ten
     if name not in STRATEGIES:
         raise LabelStrategyError(f"unknown label strategy {name!r}; valid: {', '.join(STRATEGIES)}")
     return STRATEGIES[name](observation, task)
+
+
+def strategy_labels(strategy: str, observation: Observation, task: Task) -> torch.Tensor:
+    """Labels from a named strategy, as a LongTensor [B]. Raises LabelStrategyError (a
+    ValueError) when the strategy does not apply to the observation."""
+    return torch.as_tensor(recover_labels(strategy, observation, task), dtype=torch.long)
+
+
+OWN, JOINT = "default", "optimise"  # the option's two values that are not rules
+LABEL_STRATEGY = Option("label_strategy", OWN, "how the attack gets labels: default (the attack's own), "
+                        "optimise (soft labels optimised jointly, DLG-style), or a rule: " + ", ".join(STRATEGIES),
+                        choices=(OWN, JOINT, *STRATEGIES), key="label_strategy")
+
+
+def strategy_argument(value: str | None, own: str | None) -> str | None:
+    """The `--label-strategy` value as an attack's argument: a rule's name, or None for joint
+    optimisation; `default` gives the attack's own choice `own`."""
+    if value == OWN:
+        return own
+    return None if value in (None, JOINT) else value

@@ -37,15 +37,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from attacks.base import Attack, Reconstruction, observed
-from attacks.decoders import fingerprint, learned_prior
+from attacks.decoders import LEARNED_PRIORS, fingerprint, learned_prior
 from attacks.embeddings import TextJacobian, head_side, text_side
 from attacks.encoder_inversion import invert_tower
 from attacks.tower_side import tower_side
-from fedsim.config import MIP_PRIORS, ConfigError
-from fedsim.models.peft import CLIPClassifier
-from fedsim.observation import Observation
-from fedsim.task import Task
+from fedsim.api import Attack, AttackerKnowledge, ConfigError, Observation, Option, Reconstruction, Task, observed
+
+PRIORS = (*LEARNED_PRIORS, "tv")
 
 
 def route_of(task: Task, names: list[str]) -> str:
@@ -61,28 +59,27 @@ def route_of(task: Task, names: list[str]) -> str:
 
 class MIP(Attack):
     name = "mip"
+    options = (*Attack.options,
+               Option("prior", "ridge", "image prior: ridge (kernel ridge) or conv (decoders learned on the public "
+                      "split, cached) or tv (total variation from the public mean image)", choices=PRIORS))
 
     def __init__(self, iterations: int = 100, restarts: int = 1, seed: int = 0, progress=None,
                  prior: str = "ridge", public_images: torch.Tensor | None = None, tv: float = 1e-2,
                  lr: float = 0.05, anchor: float = 1.0, public_labels: torch.Tensor | None = None):
         super().__init__(iterations, restarts, seed, progress)
-        if prior not in MIP_PRIORS:
-            raise ConfigError(f"--mip-prior {prior!r} is not valid; valid: {', '.join(MIP_PRIORS)}")
+        if prior not in PRIORS:
+            raise ConfigError(f"--mip-prior {prior!r} is not valid; valid: {', '.join(PRIORS)}")
         self.prior, self.public_images, self.tv, self.lr, self.anchor = prior, public_images, tv, lr, anchor
         self.public_labels = public_labels
         self._decoder = None
         self._round: dict | None = None
 
     @classmethod
-    def from_config(cls, cfg, progress=None) -> "MIP":
-        from fedsim.data import load_dataset, split_public
-
-        if cfg.label_strategy != "default":
-            raise ConfigError(f"--label-strategy {cfg.label_strategy} does not apply to --attack mip, which "
-                              "reads the labels from the PEFT gradient itself")
-        public = split_public(load_dataset(cfg))[1]
-        return cls(iterations=cfg.attack_iters, restarts=cfg.attack_restarts, seed=cfg.seed, progress=progress,
-                   prior=cfg.mip_prior, public_images=public.images, public_labels=public.labels)
+    def from_knowledge(cls, knowledge: AttackerKnowledge, options=None, progress=None) -> "MIP":
+        """MIP's priors learn from the server's public split, and its label search starts from it."""
+        options = {k: v for k, v in (options or {}).items() if v is not None}
+        return cls(seed=knowledge.attack_seed, progress=progress, public_images=knowledge.public.images,
+                   public_labels=knowledge.public.labels, **options)
 
     # -- parts -----------------------------------------------------------------------------
     def encode(self, task: Task):
@@ -145,7 +142,7 @@ class MIP(Attack):
     # -- the attack ------------------------------------------------------------------------
     def reconstruct(self, observation: Observation, task: Task) -> Reconstruction:
         start = time.perf_counter()
-        if not isinstance(task.model, CLIPClassifier):
+        if not hasattr(task.model, "encode_image"):  # fedsim.models.peft.CLIPClassifier
             raise ConfigError("--attack mip needs a CLIP model with a PEFT method; for --model lenet, "
                               "convnet or resnet18 use dlg, idlg, ig or gradinversion")
         if self.public_images is None:

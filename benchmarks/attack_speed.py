@@ -24,13 +24,10 @@ import time
 import pandas as pd
 import torch
 
-from attacks.ig import InvertingGradients
 from attacks.objectives import cosine_distance
 from attacks.optim import to_pixels
 from fedsim.config import RunConfig
-from fedsim.data import federated_data
-from fedsim.models import build_task, model_spec
-from fedsim.observation import Observation
+from fedsim.harness import Setting
 
 
 def main() -> None:
@@ -45,14 +42,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    cfg = RunConfig(model=args.model, peft="full", dataset="digits", batch_size=args.batch_size)
-    data = federated_data(cfg)
-    spec = model_spec(cfg, data.private.class_names)
-    task = build_task(spec)
-    images, labels = data.client_batch(cfg, 1, 0)
-    params = task.trainable()
-    target = task.gradients(params, images, labels)
-    obs = Observation(1, 0, "gradient", target, params, len(labels), cfg.lr, 1, spec)
+    # On CPU even where there is a GPU: the ratios are about --threads CPU threads' arithmetic.
+    setting = Setting(RunConfig(model=args.model, peft="full", dataset="digits", batch_size=args.batch_size,
+                                attack="ig", device="cpu"))
+    obs, truth = setting.observe(round_=1, client=0)
+    task, params, target, labels = setting.task, obs.global_params, obs.gradient(), truth.labels
     units = torch.randn(args.batch_size, *task.image_shape, requires_grad=True)
 
     def bare() -> float:
@@ -64,7 +58,7 @@ def main() -> None:
 
     def attack(restarts: int) -> float:
         # labels fixed by iDLG's rule at batch 1, else optimised jointly (the attack's default)
-        ig = InvertingGradients(iterations=args.iterations, restarts=restarts)
+        ig = setting.attack(attack_iters=args.iterations, attack_restarts=restarts)
         start = time.perf_counter()
         ig.reconstruct(obs, task)
         return (time.perf_counter() - start) / args.iterations

@@ -23,8 +23,7 @@ import pandas as pd
 import torch
 
 from fedsim.config import RunConfig
-from fedsim.data import federated_data
-from fedsim.models import build_task, model_spec
+from fedsim.harness import Setting
 from fedsim.plugins import make_defense
 from fedsim.training import local_update
 
@@ -32,18 +31,18 @@ DEFENSES = ["none", "dp", "dp-update", "prune", "quantize", "soteria"]
 
 
 def step_times(model: str, peft: str, batch: int, defenses: list[str], repeats: int, device: str):
-    base = RunConfig(model=model, peft=peft, pretrained="none", batch_size=batch)
-    data = federated_data(base)
-    task = build_task(model_spec(base, data.private.class_names), device)
-    images, labels = (t.to(device) for t in data.client_batch(base, 1, 0))
-    params = task.trainable()
-    chains = {d: (RunConfig(**{**base.to_dict(), "defense": d}), make_defense(RunConfig(defense=d)))
-              for d in defenses}
+    """Median seconds of one client step per defense chain. One model (the Setting's task) and one
+    batch (client 0, round 1) serve every chain: the defenses differ, nothing else does."""
+    config = {"model": model, "peft": peft, "pretrained": "none", "batch_size": batch}
+    setting = Setting(RunConfig(**config), device)
+    task, truth = setting.task, setting.truth(1, (0,))
+    images, labels, params = truth.images.to(device), truth.labels.to(device), task.trainable()
+    chains = {d: make_defense(RunConfig(**config, defense=d)) for d in defenses}
     times: dict[str, list[float]] = {d: [] for d in defenses}
     for i in range(repeats + 1):
-        for d, (cfg, chain) in chains.items():
+        for d, chain in chains.items():
             start = time.perf_counter()
-            local_update(cfg, task, chain, images, labels, params, torch.Generator().manual_seed(i))
+            local_update(setting.protocol, task, chain, images, labels, params, torch.Generator().manual_seed(i))
             if device == "cuda":
                 torch.cuda.synchronize()
             if i:  # the first pass warms up every code path

@@ -31,11 +31,8 @@ import torch.nn.functional as F
 from attacks.embeddings import TextJacobian, text_side
 from attacks.encoder_inversion import invert_tower
 from attacks.objectives import cosine_distance
-from defenses.base import Defense
 from fedsim.config import RunConfig
-from fedsim.data import federated_data
-from fedsim.models import build_task, model_spec
-from fedsim.training import local_update
+from fedsim.harness import Setting
 
 
 def timed(fn, repeats: int) -> float:
@@ -60,12 +57,11 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.equal_time:
         equal_time(args.equal_time, args.mip_iterations)
-    cfg = RunConfig(model=args.model, pretrained="none" if args.model != "tiny-clip" else "fedsim", peft="coop")
-    data = federated_data(cfg)
-    task = build_task(model_spec(cfg, data.private.class_names))
-    params = task.trainable()
-    x, y = data.private.images[:1], data.private.labels[:1]
-    update = local_update(cfg, task, Defense(), x, y, params, torch.Generator().manual_seed(0))
+    # On CPU even where there is a GPU, like the one-thread figures this reproduces.
+    setting = Setting(RunConfig(model=args.model, pretrained="none" if args.model != "tiny-clip" else "fedsim",
+                                peft="coop", device="cpu"))
+    obs, truth = setting.observe(round_=1, client=0)  # one image: the default batch size is 1
+    task, params, update, x, y = setting.task, obs.global_params, obs.update, truth.images, truth.labels
     with torch.no_grad():
         z = F.normalize(task.model.encode_image(x), dim=-1)
     start = x * 0 + 0.5
@@ -88,7 +84,7 @@ def main() -> None:
         jac = TextJacobian(task, params, list(params))
         t_jac = time.perf_counter() - t0
         with torch.no_grad():
-            public = task.embeddings(params, data.public.images[:64])
+            public = task.embeddings(params, setting.knowledge.public.images[:64])
         t0 = time.perf_counter()
         labels, found, _ = text_side(task, params, update, 1, public, jacobian=jac)
         t_fit = time.perf_counter() - t0
@@ -99,36 +95,28 @@ def main() -> None:
 
 
 def equal_time(n: int, mip_iterations: int) -> None:
-    """MIP against end-to-end attacks given the same wall time, image by image."""
-    from attacks.dlg import DLG
-    from attacks.ig import InvertingGradients
-    from attacks.mip import MIP
-    from fedsim.evaluate import evaluate
-    from fedsim.observation import Observation
-
-    cfg = RunConfig(model="tiny-clip", peft="coop", attack="mip")
-    data = federated_data(cfg)
-    spec = model_spec(cfg, data.private.class_names)
-    task = build_task(spec)
-    params = task.trainable()
+    """MIP against end-to-end attacks given the same wall time, image by image: the digits are
+    the round-1 batches of n clients, each attacked and scored by the harness."""
+    setting = Setting(RunConfig(model="tiny-clip", peft="coop", attack="mip", clients=n, device="cpu"))
+    task, scorer = setting.task, setting.scorer()
     rows = []
     for i in range(n):
-        x, y = data.private.images[i:i + 1], data.private.labels[i:i + 1]
-        update = local_update(cfg, task, Defense(), x, y, params, torch.Generator().manual_seed(i))
-        obs = Observation(1, i, "gradient", update, params, 1, cfg.lr, 1, spec)
-        mip = MIP(iterations=mip_iterations, public_images=data.public.images)
+        obs, truth = setting.observe(round_=1, client=i)
+        mip = setting.attack(attack_iters=mip_iterations)  # a fresh MIP: the Jacobian is charged to this image
         mip.decoder(task)  # trained once per tower and cached: not part of an attack's time
         t0 = time.perf_counter()
         recon = mip.reconstruct(obs, task)
         budget = time.perf_counter() - t0
-        row = {"mip": evaluate(recon.images, recon.labels, x, y)[0]["psnr"], "seconds": budget}
-        for name, cls in (("dlg", DLG), ("ig", InvertingGradients)):
-            one = timed(lambda: cls(iterations=1).reconstruct(obs, task), 1)  # noqa: B023
+        row = {"mip": scorer.score(obs, recon, truth)[0]["psnr"], "seconds": budget}
+        for name in ("dlg", "ig"):  # each attack built outside its timing, as MIP is
+            probe = setting.attack(attack=name, attack_iters=1)
+            one = timed(lambda: probe.reconstruct(obs, task), 1)  # noqa: B023
             iterations = max(1, int(budget / one))
+            attack = setting.attack(attack=name, attack_iters=iterations)
             t0 = time.perf_counter()
-            other = cls(iterations=iterations).reconstruct(obs, task)
-            row[name] = evaluate(other.images, other.labels, x, y)[0]["psnr"]
+            other = attack.reconstruct(obs, task)
             row[f"{name}_iterations"], row[f"{name}_seconds"] = iterations, time.perf_counter() - t0
+            row[name] = scorer.score(obs, other, truth)[0]["psnr"]  # scored after the clock stops
         rows.append(row)
         print(f"  #{i}: MIP {row['mip']:.2f} dB in {budget:.1f} s; DLG {row['dlg']:.2f} dB "
               f"({row['dlg_iterations']} it, {row['dlg_seconds']:.1f} s); IG {row['ig']:.2f} dB "

@@ -19,8 +19,7 @@ import pandas as pd
 import torch
 
 from fedsim.config import CLIP_PEFT, RunConfig
-from fedsim.data import federated_data
-from fedsim.models import build_task, model_spec
+from fedsim.harness import Setting
 
 
 def main() -> None:
@@ -38,11 +37,9 @@ def main() -> None:
     for model in args.models:
         setups = {}
         for peft in args.methods:
-            cfg = RunConfig(model=model, peft=peft, pretrained="none", batch_size=args.batch_size)
-            data = federated_data(cfg)
-            task = build_task(model_spec(cfg, data.private.class_names), device)
-            batch = tuple(t.to(device) for t in data.client_batch(cfg, 1, 0))
-            setups[peft] = (task, task.trainable(), batch)
+            setting = Setting(RunConfig(model=model, peft=peft, pretrained="none", batch_size=args.batch_size), device)
+            truth = setting.truth(1, (0,))  # client 0's round-1 batch: the same for every method
+            setups[peft] = (setting.task, setting.task.trainable(), (truth.images.to(device), truth.labels.to(device)))
             step(*setups[peft], device)  # warm-up
         # Round-robin over the methods, so that a change in machine load hits all of them alike.
         times = {peft: [] for peft in setups}

@@ -17,6 +17,8 @@ import time
 
 import psutil
 
+from fedsim.protocol import Protocol
+
 
 def tree_rss(proc: psutil.Process) -> int:
     total = 0
@@ -41,7 +43,7 @@ def measure(clients: int, fraction: float) -> tuple[float, float, int]:
         wall = time.perf_counter() - start
         if proc.returncode:
             raise SystemExit(f"--clients {clients} failed:\n{proc.stderr.read()}")
-        return wall, peak / 2**30, max(1, int(clients * fraction))
+        return wall, peak / 2**30, Protocol(clients=clients, fraction=fraction).sampled_clients
 
 
 def main() -> None:

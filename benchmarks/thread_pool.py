@@ -11,24 +11,19 @@ import time
 
 import torch
 
-from attacks.dlg import DLG
 from fedsim.config import RunConfig
-from fedsim.data import federated_data
-from fedsim.models import build_task, model_spec
-from fedsim.observation import Observation
+from fedsim.harness import Setting
 
-cfg = RunConfig(clients=10)
-data = federated_data(cfg)
-spec = model_spec(cfg, data.private.class_names)
-task = build_task(spec)
-x, y = data.client_batch(cfg, 1, 0)
-obs = Observation(1, 0, "gradient", task.gradients(task.trainable(), x, y), task.trainable(), 1, 0.1, 1, spec)
+# On CPU even where there is a GPU: the question is how PyTorch's CPU thread pool behaves.
+setting = Setting(RunConfig(clients=10, attack="dlg", attack_iters=10, device="cpu"))
+obs, _ = setting.observe(round_=1, client=0)
+dlg = setting.attack()  # built once, outside the timings
 
 
 def timed(where: str, threads: int) -> None:
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    DLG(iterations=10).reconstruct(obs, task)
+    dlg.reconstruct(obs, setting.task)
     print(f"{where:>6} thread, torch threads {threads}: {time.perf_counter() - start:5.1f} s", flush=True)
 
 

@@ -1,5 +1,1 @@
-"""Defense plugins for fedsim, applied in the client loop."""
-
-from defenses.base import Defense
-
-__all__ = ["Defense"]
+"""Defense plugins for fedsim, applied in the client loop. Plugins build on fedsim.api."""

@@ -15,8 +15,13 @@ from __future__ import annotations
 
 import torch
 
-from defenses.base import Defense, gaussian_like
-from fedsim.task import Params, Task
+from defenses.base import gaussian_like
+from fedsim.api import Defense, Task
+from fedsim.options import Option, above, at_least, within
+from fedsim.task import Params
+
+DELTA = Option("delta", 1e-5, "delta at which epsilon is reported", key="dp_delta",
+                **within(0, 1, open_low=True))
 
 
 def clip_per_example(per_example: Params, clip: float) -> Params:
@@ -29,16 +34,15 @@ def clip_per_example(per_example: Params, clip: float) -> Params:
 
 class DPSGD(Defense):
     name = "dp"
+    options = (Option("clip", 1.0, "per-example gradient L2 clipping bound C", **above(0)),
+               Option("noise", 1.0, "noise multiplier sigma (noise std = sigma * C on the summed gradient)",
+                      **at_least(0)),
+               DELTA)
 
-    def __init__(self, clip: float = 1.0, noise: float = 1.0):
-        if clip <= 0 or noise < 0:
+    def __init__(self, clip: float = 1.0, noise: float = 1.0, delta: float = 1e-5):
+        if not clip > 0 or not noise >= 0:
             raise ValueError(f"dp needs clip > 0 and noise >= 0, got clip={clip}, noise={noise}")
-        self.clip = clip
-        self.noise = noise
-
-    @classmethod
-    def from_config(cls, cfg) -> "DPSGD":
-        return cls(clip=cfg.dp_clip, noise=cfg.dp_noise)
+        self.clip, self.noise, self.delta = clip, noise, delta
 
     def gradient(self, task: Task, params: Params, images: torch.Tensor, labels: torch.Tensor,
                  generator: torch.Generator) -> Params:
@@ -48,4 +52,4 @@ class DPSGD(Defense):
                 for name, g in clipped.items()}
 
     def privacy(self, accounting) -> dict[str, float]:
-        return {"epsilon": accounting.example_epsilon(self.noise)}
+        return {"epsilon": accounting.example_epsilon(self.noise, self.delta), "delta": self.delta}

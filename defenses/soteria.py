@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch.func import jacrev
 
-from defenses.base import Defense
+from fedsim.api import Defense
+from fedsim.options import Option, within
 from fedsim.task import Params, Task, second_order_attention
 
 REPRESENTATION_LAYERS = ("image_adapter.fc1", "head", "fc")  # searched in this order
@@ -67,15 +68,13 @@ def unit_scores(task: Task, params: Params, images: torch.Tensor, layer: str) ->
 
 class Soteria(Defense):
     name = "soteria"
+    options = (Option("ratio", 0.8, "share of representation units masked in the gradient of the layer they feed",
+                      **within(0, 1)),)
 
     def __init__(self, ratio: float = 0.8):
         if not 0 <= ratio < 1:
             raise ValueError(f"soteria ratio must be in [0, 1), got {ratio}")
         self.ratio = ratio
-
-    @classmethod
-    def from_config(cls, cfg) -> "Soteria":
-        return cls(ratio=cfg.soteria_ratio)
 
     def transform_gradient(self, grads: Params, task: Task, params: Params, images: torch.Tensor,
                            labels: torch.Tensor, generator: torch.Generator) -> Params:

@@ -4,10 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from defenses.base import Defense, gaussian_like, update_norm
+from defenses.base import gaussian_like, update_norm
+from defenses.dp import DELTA
+from fedsim.api import Defense
+from fedsim.options import Option, above, at_least, within
 from fedsim.task import Params
 
 QUANTIZE_MODES = ("deterministic", "stochastic")
+# dp-update's and flower-dp's: both clip and noise a client's whole update
+UPDATE_CLIP = Option("clip", 1.0, "L2 clipping bound C of a client's whole update",
+                     key="update_clip", **above(0))
+UPDATE_NOISE = Option("noise", 1.0, "noise multiplier sigma (dp-update: std sigma * C on the update; flower-dp: "
+                      "on the sum, added by the server)", key="update_noise", **at_least(0))
 
 
 def clip_update(update: Params, clip: float) -> Params:
@@ -24,22 +32,19 @@ class UpdateDP(Defense):
     the curious server sees the noised update. Epsilon is client-level (see defenses.accounting)."""
 
     name = "dp-update"
+    options = (UPDATE_CLIP, UPDATE_NOISE, DELTA)
 
-    def __init__(self, clip: float = 1.0, noise: float = 1.0):
-        if clip <= 0 or noise < 0:
+    def __init__(self, clip: float = 1.0, noise: float = 1.0, delta: float = 1e-5):
+        if not clip > 0 or not noise >= 0:
             raise ValueError(f"dp-update needs clip > 0 and noise >= 0, got clip={clip}, noise={noise}")
-        self.clip, self.noise = clip, noise
-
-    @classmethod
-    def from_config(cls, cfg) -> "UpdateDP":
-        return cls(clip=cfg.update_clip, noise=cfg.update_noise)
+        self.clip, self.noise, self.delta = clip, noise, delta
 
     def transform_update(self, update: Params, generator: torch.Generator) -> Params:
         return {n: u + gaussian_like(u, self.noise * self.clip, generator)
                 for n, u in clip_update(update, self.clip).items()}
 
     def privacy(self, accounting) -> dict[str, float]:
-        return {"epsilon_client": accounting.client_epsilon(self.noise)}
+        return {"epsilon_client": accounting.client_epsilon(self.noise, self.delta), "delta": self.delta}
 
 
 class Prune(Defense):
@@ -50,15 +55,13 @@ class Prune(Defense):
     depend on how many entries tie at the threshold, unlike a quantile threshold."""
 
     name = "prune"
+    options = (Option("ratio", 0.9, "share of each tensor's entries, smallest in magnitude, set to zero",
+                      **within(0, 1)),)
 
     def __init__(self, ratio: float = 0.9):
         if not 0 <= ratio < 1:
             raise ValueError(f"prune ratio must be in [0, 1), got {ratio}")
         self.ratio = ratio
-
-    @classmethod
-    def from_config(cls, cfg) -> "Prune":
-        return cls(ratio=cfg.prune_ratio)
 
     def transform_update(self, update: Params, generator: torch.Generator) -> Params:
         out = {}
@@ -81,6 +84,10 @@ class Quantize(Defense):
     levels; fp16/int8 conversion, which DLG tried as a defense, is the deterministic mode."""
 
     name = "quantize"
+    options = (Option("bits", 8, "bits per entry (2^bits levels between a tensor's min and max)",
+                      check=lambda b: 1 <= b <= 16, valid="in 1..16"),
+               Option("mode", "stochastic", "stochastic (unbiased rounding) or deterministic (nearest)",
+                      choices=("stochastic", "deterministic")))
 
     def __init__(self, bits: int = 8, mode: str = "stochastic"):
         if not 1 <= bits <= 16:
@@ -88,10 +95,6 @@ class Quantize(Defense):
         if mode not in QUANTIZE_MODES:
             raise ValueError(f"quantize mode {mode!r} is not valid; valid: {', '.join(QUANTIZE_MODES)}")
         self.bits, self.mode = bits, mode
-
-    @classmethod
-    def from_config(cls, cfg) -> "Quantize":
-        return cls(bits=cfg.quantize_bits, mode=cfg.quantize_mode)
 
     def transform_update(self, update: Params, generator: torch.Generator) -> Params:
         return {n: self.quantize(u, generator) for n, u in update.items()}

@@ -1,8 +1,9 @@
 """Classic optimisation attacks at batch 1, 32 px: DLG on LeNet and Inverting Gradients on the ConvNet.
 
-Each image is one client's FedSGD gradient, produced by the real client code path
-(`fedsim.flower.client_update`) and scored by the real evaluator; half the images are digits,
-half photo crops (`--dataset photos`). Settings (`--part`):
+Each image is one client's FedSGD gradient, produced by the real client code path and scored
+by the real evaluator (the harness: `Setting.observe`, `Scorer.score`, which also reports
+identifiability against the public gallery); half the images are digits, half photo crops
+(`--dataset photos`). Settings (`--part`):
 - dlg: DLG on the DLG paper's LeNet, labels not given (soft labels optimised).
   Target: median PSNR >= 30 dB over 20 images.
 - ig: Inverting Gradients on fedsim's ConvNet (random init, classifier on the flattened feature
@@ -11,8 +12,9 @@ half photo crops (`--dataset photos`). Settings (`--part`):
 Diagnostics for ig (not issue numbers): `--width W` (fedsim's ConvNet has 32) and
 `--head avg`, a ConvNet whose classifier reads the global average of the feature map instead of
 the flattened map (fedsim's ConvNet did until IG on it was found to reach only ~10 dB). These
-models are not fedsim models, so their gradient comes from `Task.gradients` (what a FedSGD
-client without defense sends), not through `client_update`; `--tv` and `--lr` change IG's weights.
+models are not fedsim models: they take the place of the setting's task, and the same client
+code (FedSGD, no defense: `Task.gradients`) computes their gradient; `--tv` and `--lr` change
+IG's weights. `--seed` seeds the data, the model's initialisation and the attack, as before.
 
 Writes results.csv (one row per image and setting; grey_psnr is the PSNR of a uniform grey
 image, the floor a reconstruction must beat), grid_<setting>_<dataset>.png (true images on
@@ -29,7 +31,6 @@ every setting, medians marked), and prints medians and the cost per iteration. R
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -42,15 +43,12 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from attacks.dlg import DLG  # noqa: E402
 from attacks.ig import InvertingGradients  # noqa: E402
 from fedsim.config import RunConfig  # noqa: E402
-from fedsim.data import federated_data  # noqa: E402
 from fedsim.evaluate import evaluate  # noqa: E402
-from fedsim.flower import client_update  # noqa: E402
-from fedsim.models import build_task, model_spec  # noqa: E402
+from fedsim.harness import Setting  # noqa: E402
+from fedsim.models import derive_seed  # noqa: E402
 from fedsim.models.classic import ConvNet  # noqa: E402
-from fedsim.observation import Observation  # noqa: E402
 from fedsim.report import save_grid  # noqa: E402
 from fedsim.task import Task  # noqa: E402
 
@@ -70,32 +68,23 @@ def convnet_variant(num_classes: int, seed: int, width: int, head: str) -> nn.Mo
     return model.eval()
 
 
-def observations(part: str, dataset: str, images: int, seed: int, width: int = 32, head: str = "flat"):
-    """(observation, task, true images, true labels, class names) for each client."""
-    cfg = RunConfig(clients=images, model=MODELS[part], peft="full", dataset=dataset, image_size=32, seed=seed)
-    data = federated_data(cfg)
-    spec = model_spec(cfg, data.private.class_names)
-    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    variant = part == "ig" and (width != 32 or head != "flat")
-    if variant:
-        model = convnet_variant(len(spec["class_names"]), spec["model_seed"], width, head)
-        task = Task(model, len(spec["class_names"]), (3, 32, 32))
-    else:
-        task = build_task(spec)
-    for client in range(images):
-        truth, labels = data.client_batch(cfg, 1, client)
-        if variant:
-            update, n = task.gradients(task.trainable(), truth, labels), len(labels)
-        else:
-            update, n = client_update(cfg_json, client, 1, task.trainable())
-        obs = Observation(1, client, "gradient", update, task.trainable(), n, cfg.lr, 1, spec)
-        yield obs, task, truth, labels, data.private.class_names
+def make_setting(part: str, dataset: str, images: int, seed: int, width: int = 32, head: str = "flat") -> Setting:
+    """One client per image, on CPU; for the ig diagnostics the ConvNet variant replaces the task."""
+    cfg = RunConfig(clients=images, model=MODELS[part], peft="full", dataset=dataset, image_size=32, seed=seed,
+                    model_seed=seed, attack=part, attack_seed=seed)
+    s = Setting(cfg, device="cpu")
+    if part == "ig" and (width != 32 or head != "flat"):
+        classes, init_seed = len(s.knowledge.class_names), derive_seed(cfg.model_seed, "model")  # as fedsim's models
+        model = convnet_variant(classes, init_seed, width, head)
+        s.task = Task(model, classes, (3, 32, 32))
+    return s
 
 
-def make_attack(part: str, iterations: int, restarts: int, seed: int, tv: float, lr: float):
+def make_attack(s: Setting, part: str, iterations: int, restarts: int, tv: float, lr: float):
+    """DLG as `fedsim run` builds it; IG with its TV weight and step size, which are not run options."""
     if part == "dlg":
-        return DLG(iterations=iterations, restarts=restarts, seed=seed)
-    return InvertingGradients(iterations=iterations, restarts=restarts, seed=seed, tv=tv, lr=lr)
+        return s.attack(attack_iters=iterations, attack_restarts=restarts)
+    return InvertingGradients(iterations=iterations, restarts=restarts, seed=s.knowledge.attack_seed, tv=tv, lr=lr)
 
 
 def main() -> None:
@@ -125,24 +114,27 @@ def main() -> None:
 
     rows, grids = [], {}
     for dataset in args.datasets:
-        for obs, task, truth, labels, names in observations(args.part, dataset, args.images_per_dataset, args.seed,
-                                                            args.width, args.head):
+        s = make_setting(args.part, dataset, args.images_per_dataset, args.seed, args.width, args.head)
+        scorer, names = s.scorer(), s.knowledge.class_names
+        for client in range(args.images_per_dataset):
+            obs, truth = s.observe(1, client)
+            labels = truth.labels
             for r in restarts:
                 setting = f"{args.part} R={r}"
                 start = time.perf_counter()
-                recon = make_attack(args.part, iterations, r, args.seed, args.tv, args.lr).reconstruct(obs, task)
+                recon = make_attack(s, args.part, iterations, r, args.tv, args.lr).reconstruct(obs, s.task)
                 seconds = time.perf_counter() - start
-                metrics, order = evaluate(recon.images, recon.labels, truth, labels)
+                metrics, order = scorer.score(obs, recon, truth)
                 weights = {"tv": args.tv, "lr": args.lr} if args.part == "ig" else {}
+                grey = evaluate(torch.full_like(truth.images, 0.5), labels, truth.images, labels)[0]["psnr"]
                 rows.append({"setting": setting, "attack": args.part, "model": model, **weights,
                              "restarts": r, "iterations": iterations,
                              "dataset": dataset, "client": obs.client, "label": int(labels[0]),
-                             "predicted": int(recon.labels[0]), **metrics,
-                             "grey_psnr": evaluate(torch.full_like(truth, 0.5), labels, truth, labels)[0]["psnr"],
+                             "predicted": int(recon.labels[0]), **metrics, "grey_psnr": grey,
                              "gradient_loss": recon.extras["gradient_loss"], "seconds": seconds,
                              "ms_per_iteration": 1000 * seconds / iterations})
                 pair = grids.setdefault((setting, dataset), ([], [], names))
-                pair[0].append((truth, labels))
+                pair[0].append((truth.images, labels))
                 pair[1].append((recon.images[order], recon.labels[order]))
                 print(f"{setting} {dataset} {obs.client}: PSNR {metrics['psnr']:.2f} dB, label "
                       f"{int(labels[0])} -> {int(recon.labels[0])}, {seconds:.1f}s", flush=True)

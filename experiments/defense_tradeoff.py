@@ -7,12 +7,14 @@
         --defenses dp,prune --strengths dp=1.0 prune=0.9 --images 4 --out runs/defense_key
 
 Privacy: `--images` clients each send the FedSGD update of one image (batch 1, the attacks'
-best case), produced by the real client path (`fedsim.flower.client_update`, defense chain
-included); every attack, taken by plugin name (`--attacks dlg,ig,mip`), reconstructs it and the
-real evaluator scores it against the true image (identifiability against a gallery of public
-images). Under `secagg` the strength is the number of clients in the aggregate the server
-sees; the attack reconstructs all their images from the averaged update, formed here from the
-clients' updates (`fedsim.flower.aggregate`): what Flower's SecAgg+ hands the server in a
+best case), produced by the real client path (`fedsim.harness.Setting.observe`, defense chain
+included); every attack, taken by plugin name (`--attacks dlg,ig,mip`) and built from the
+server's knowledge, reconstructs it and the harness's Scorer scores it against the true image
+(identifiability against a gallery of public images). `--attack-iters` gives every attack, or
+each one named, its iterations; an attack it does not name keeps its own default. Under
+`secagg` the strength is the number of clients in the aggregate the server sees; the attack
+reconstructs all their images from the averaged update, formed here from the clients' updates
+(`fedsim.harness.aggregate`): what Flower's SecAgg+ hands the server in a
 `fedsim run --defense secagg`, up to its quantisation (at most 2 * clip / 2^22 per entry).
 Two no-information baselines per attack: the reconstruction from a zero update and from a
 random Gaussian one of the undefended update's norm (`baseline` rows): a defense that brings
@@ -20,6 +22,7 @@ an attack down to them leaves it nothing.
 Utility: a separate in-process fedsim run per setting, no attack, FedAvg (`--rounds`,
 `--clients`, `--local-steps` SGD steps on batches of `--utility-batch`), global accuracy on
 the held-out public split after the last round, and epsilon where the defense has one.
+`--seed` seeds the data, the model's initialisation and the attacks.
 
 Writes results.csv (one row per attack, setting and image), summary.csv (medians per attack and
 setting, with utility and epsilon) and tradeoff_<attack>.png (utility on x, attack PSNR on y,
@@ -29,7 +32,7 @@ one line per defense through its strengths, the baselines as horizontal lines).
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import time
 from pathlib import Path
 
@@ -43,15 +46,10 @@ from rich.console import Console  # noqa: E402
 
 from defenses.base import update_norm  # noqa: E402
 from fedsim.config import RunConfig  # noqa: E402
-from fedsim.data import federated_data  # noqa: E402
-from fedsim.evaluate import evaluate  # noqa: E402
-from fedsim.flower import aggregate, client_update  # noqa: E402
-from fedsim.models import build_task, model_spec  # noqa: E402
-from fedsim.observation import Observation  # noqa: E402
-from fedsim.plugins import make_attack  # noqa: E402
+from fedsim.harness import Scorer, Setting, Truth, aggregate  # noqa: E402
 from fedsim.runner import run  # noqa: E402
 
-# defense -> (config field its strength sets, strengths from weak to strong, fixed fields)
+# defense -> (option its strength sets, strengths from weak to strong, fixed options)
 GRID = {
     "dp": ("dp_noise", [0.0, 1e-4, 1e-3, 1e-2, 1.0], {"dp_clip": 1.0}),
     "dp-update": ("update_noise", [1e-4, 1e-3, 1e-2, 1.0], {"update_clip": 1.0}),
@@ -76,30 +74,19 @@ def key(defense: str, strength) -> tuple[str, str]:
     return defense, "-" if missing else f"{float(strength):g}"
 
 
-def observations(cfg: RunConfig, images: int, aggregate_of: int):
-    """(observation, true images, true labels) per attacked update: one per client, or under
-    secure aggregation one per group of `aggregate_of` clients."""
-    data = federated_data(cfg)
-    spec = model_spec(cfg, data.private.class_names)
-    task = build_task(spec)
-    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
-    params = task.trainable()
+def observations(setting: Setting, images: int, aggregate_of: int):
+    """(observation, truth) per attacked update: one per client, or under secure aggregation one
+    per group of `aggregate_of` clients."""
     for first in range(0, images, aggregate_of):
-        group = []
-        for client in range(first, first + aggregate_of):
-            update, n = client_update(cfg_json, client, 1, params)
-            group.append(Observation(1, client, "gradient", update, task.trainable(), n, cfg.lr, 1, spec))
-        obs = aggregate(group) if aggregate_of > 1 else group[0]
-        truth = [data.client_batch(cfg, 1, c) for c in range(first, first + aggregate_of)]
-        yield obs, task, torch.cat([t[0] for t in truth]), torch.cat([t[1] for t in truth]), data
+        clients = tuple(range(first, first + aggregate_of))
+        group = [setting.observe(1, c)[0] for c in clients]
+        yield (aggregate(group) if aggregate_of > 1 else group[0]), setting.truth(1, clients)
 
 
-def attack_rows(attack_name: str, cfg: RunConfig, obs, task, truth, labels, data, iters: dict) -> dict:
-    attack = make_attack(RunConfig(**{**cfg.to_dict(), "attack": attack_name,
-                                      "attack_iters": iters.get(attack_name, cfg.attack_iters)}))
+def attack_row(attack, obs, truth: Truth, scorer: Scorer) -> dict:
     start = time.perf_counter()
-    recon = attack.reconstruct(obs, task)
-    metrics, _ = evaluate(recon.images, recon.labels, truth, labels, data.public.images[:256])
+    recon = attack.reconstruct(obs, scorer.task)
+    metrics, _ = scorer.score(obs, recon, truth)
     return {**metrics, "attack_seconds": round(time.perf_counter() - start, 2)}
 
 
@@ -109,7 +96,7 @@ def utility(base: RunConfig, overrides: dict, args, out: Path) -> dict:
                        "protocol": "fedavg", "clients": args.clients, "rounds": args.rounds,
                        "local_steps": args.local_steps, "batch_size": args.utility_batch,
                        "lr": args.utility_lr, "out": str(out), "overwrite": True})
-    metrics = pd.read_csv(run(cfg, console=Console(quiet=True)) / "metrics.csv").iloc[-1]
+    metrics = run(cfg, console=Console(quiet=True)).metrics.iloc[-1]
     return {"accuracy": metrics["accuracy"], **{k: metrics[k] for k in ("epsilon", "epsilon_client") if k in metrics}}
 
 
@@ -122,7 +109,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--images", type=int, default=4, help="attacked updates (clients) per setting")
     parser.add_argument("--attack-iters", default="30", help="iterations of every attack (30), or per attack "
-                        "(dlg=40,ig=1000)")
+                        "(dlg=40,ig=1000; an attack not named keeps its own default)")
     parser.add_argument("--rounds", type=int, default=10, help="utility: FedAvg rounds")
     parser.add_argument("--clients", type=int, default=4, help="utility: clients, all sampled each round")
     parser.add_argument("--local-steps", type=int, default=5, help="utility: local SGD steps per round")
@@ -153,7 +140,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     peft = args.peft or ("full" if args.model in ("lenet", "convnet", "resnet18") else "coop")
     base = RunConfig(model=args.model, peft=peft, dataset=args.dataset, batch_size=1, seed=args.seed,
-                     clients=max(args.images, 4))
+                     model_seed=args.seed, attack_seed=args.seed, clients=max(args.images, 4))
     rows, summary, done = [], [], set()
     if args.resume and (out / "summary.csv").exists():
         summary = pd.read_csv(out / "summary.csv").to_dict("records")
@@ -163,15 +150,16 @@ def main() -> None:
     for defense, strength, overrides in settings([d.strip() for d in args.defenses.split(",")], chosen):
         if key(defense, strength) in done:
             continue
-        cfg = RunConfig(**{**base.to_dict(), **overrides})
+        s = Setting(RunConfig(**{**base.to_dict(), **overrides}), device="cpu")
+        scorer, built = s.scorer(), {a: s.attack(attack=a, attack_iters=iters.get(a)) for a in attacks}
         group = strength if defense == "secagg" else 1
         images = group * max(1, args.images // group)
         setting = {"defense": defense, "strength": strength}
         first_row = len(rows)
-        for obs, task, truth, labels, data in observations(cfg, images, group):
+        for obs, truth in observations(s, images, group):
             for attack in attacks:
                 rows.append({**setting, "attack": attack, "client": obs.client,
-                             **attack_rows(attack, cfg, obs, task, truth, labels, data, iters)})
+                             **attack_row(built[attack], obs, truth, scorer)})
                 print(f"{defense} {strength} {attack} client {obs.client}: PSNR {rows[-1]['psnr']:.2f}", flush=True)
             if defense == "none":  # the no-information baselines, once per image
                 norm = float(update_norm(obs.update))
@@ -180,10 +168,10 @@ def main() -> None:
                 scale = norm / float(update_norm(noise))
                 for kind, update in (("zero", {n: torch.zeros_like(u) for n, u in obs.update.items()}),
                                      ("random", {n: u * scale for n, u in noise.items()})):
-                    fake = Observation(**{**obs.meta(), "update": update, "global_params": obs.global_params})
+                    fake = dataclasses.replace(obs, update=update)
                     for attack in attacks:
                         rows.append({"defense": "baseline", "strength": kind, "attack": attack, "client": obs.client,
-                                     **attack_rows(attack, cfg, fake, task, truth, labels, data, iters)})
+                                     **attack_row(built[attack], fake, truth, scorer)})
             pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
         if defense in args.skip_utility.split(","):
             use = {"accuracy": float("nan")}  # not measured: said in the summary as NaN

@@ -1,6 +1,8 @@
 """DLG on the DLG paper's LeNet (sigmoid, U(-0.5, 0.5)), batch 1, 32x32 digits, labels not given.
 
-Goes through the real client code path (`fedsim.flower.client_update`) and the real evaluator.
+Goes through the real client code path and the real evaluator (the harness: `Setting.observe`,
+the attack built from the server's knowledge, `Scorer.score`, which also reports identifiability
+against the public gallery). `--seed` seeds the data, the model's initialisation and the attack.
 Writes a CSV and a picture grid, prints the median PSNR. Target (issue: walking skeleton):
 median PSNR >= 25 dB over 10 images.
 
@@ -10,7 +12,6 @@ median PSNR >= 25 dB over 10 images.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -18,13 +19,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from attacks.dlg import DLG
 from fedsim.config import RunConfig
-from fedsim.data import federated_data
-from fedsim.evaluate import evaluate
-from fedsim.flower import client_update
-from fedsim.models import build_task, model_spec
-from fedsim.observation import Observation
+from fedsim.harness import Setting
 from fedsim.report import save_grid
 
 
@@ -40,30 +36,26 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = RunConfig(clients=args.images, model="lenet", peft="full", defense=args.defense,
-                    dp_noise=args.dp_noise, seed=args.seed)
-    data = federated_data(cfg)
-    spec = model_spec(cfg, data.private.class_names)
-    task = build_task(spec)
-    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    setting = Setting(RunConfig(clients=args.images, model="lenet", peft="full", defense=args.defense,
+                                dp_noise=args.dp_noise, seed=args.seed, model_seed=args.seed, attack="dlg",
+                                attack_iters=args.iterations, attack_seed=args.seed), device="cpu")
+    attack, scorer = setting.attack(), setting.scorer()
     rows, true_row, recon_row = [], [], []
     for client in range(args.images):
-        update, n = client_update(cfg_json, client, 1, task.trainable())
-        obs = Observation(1, client, "gradient", update, task.trainable(), n, cfg.lr, 1, spec)
+        obs, truth = setting.observe(1, client)
         start = time.perf_counter()
-        recon = DLG(iterations=args.iterations, seed=args.seed).reconstruct(obs, task)
-        images, labels = data.client_batch(cfg, 1, client)
-        metrics, order = evaluate(recon.images, recon.labels, images, labels)
-        rows.append({"client": client, "label": int(labels[0]), "predicted": int(recon.labels[0]),
+        recon = attack.reconstruct(obs, setting.task)
+        metrics, order = scorer.score(obs, recon, truth)
+        rows.append({"client": client, "label": int(truth.labels[0]), "predicted": int(recon.labels[0]),
                      **metrics, "gradient_loss": recon.extras["gradient_loss"],
                      "seconds": time.perf_counter() - start})
-        true_row.append((images, labels))
+        true_row.append((truth.images, truth.labels))
         recon_row.append((recon.images[order], recon.labels[order]))
-        print(f"image {client}: PSNR {metrics['psnr']:.1f} dB, label {int(labels[0])} -> "
+        print(f"image {client}: PSNR {metrics['psnr']:.1f} dB, label {int(truth.labels[0])} -> "
               f"{int(recon.labels[0])}, {rows[-1]['seconds']:.1f}s", flush=True)
     pd.DataFrame(rows).to_csv(out / "results.csv", index=False)
     cat = lambda pairs: (torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))  # noqa: E731
-    save_grid(out / "grid.png", [cat(true_row), cat(recon_row)], data.private.class_names)
+    save_grid(out / "grid.png", [cat(true_row), cat(recon_row)], setting.knowledge.class_names)
     psnrs = [r["psnr"] for r in rows]
     print(f"median PSNR {statistics.median(psnrs):.2f} dB over {len(psnrs)} images "
           f"(min {min(psnrs):.1f}, max {max(psnrs):.1f}); label accuracy "

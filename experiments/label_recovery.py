@@ -25,8 +25,9 @@ Diagnostics (they read the true batch, so they are not attacks; they explain fai
 `--reinit-classifier` is an ablation: the classifier of the untrained model gets PyTorch's
 default init (LeNet's U(-0.5, 0.5) gives large logits and uneven class probabilities).
 
-Updates are made by the client's own code (`fedsim.training.local_update`, no defense) from
-the untrained global model; `--protocol fedavg --local-steps N` sends weight deltas instead.
+Updates are made by the client's own code (`fedsim.harness.Setting.observe_examples`, no
+defense) from the untrained global model; `--protocol fedavg --local-steps N` sends weight deltas
+instead.
 
     PYTHONPATH=. .venv/bin/python experiments/label_recovery.py --models lenet convnet \
         --datasets digits faces --images 100 --batches 50 --seed 0 --out runs/label_recovery
@@ -50,13 +51,11 @@ from attacks.labels import (
     round_counts,
     solve_counts,
 )
-from defenses.base import Defense
+from fedsim.api import Observation
 from fedsim.config import CLASSIC_MODELS, RunConfig
-from fedsim.data import federated_data
 from fedsim.evaluate import label_accuracy
-from fedsim.models import build_task, derive_seed, model_spec
-from fedsim.observation import Observation
-from fedsim.training import local_steps, local_update
+from fedsim.harness import Setting
+from fedsim.models import derive_seed
 
 TARGETS = {  # (strategy, metric): target mean, from the issue
     ("idlg", "label_acc"): 1.0,
@@ -66,36 +65,30 @@ TARGETS = {  # (strategy, metric): target mean, from the issue
 }
 
 
-class Setting:
-    """One model on one dataset: the untrained task, its public spec, the private pool."""
+class Pool:
+    """One model on one dataset (the harness's Setting, untrained, on CPU) and its private pool."""
 
     def __init__(self, model: str, dataset: str, args: argparse.Namespace):
         peft = "full" if model in CLASSIC_MODELS else args.peft
-        self.cfg = RunConfig(model=model, dataset=dataset, peft=peft, pretrained=args.pretrained,
-                             protocol=args.protocol, local_steps=args.local_steps, lr=args.lr,
-                             synthetic_classes=args.synthetic_classes, synthetic_size=args.synthetic_size,
-                             seed=args.seed)
-        self.model, self.dataset = model, dataset
-        data = federated_data(self.cfg)
-        self.spec = model_spec(self.cfg, data.private.class_names)
-        self.task = build_task(self.spec)
+        cfg = RunConfig(model=model, dataset=dataset, peft=peft, pretrained=args.pretrained,
+                        protocol=args.protocol, local_steps=args.local_steps, lr=args.lr,
+                        synthetic_classes=args.synthetic_classes, synthetic_size=args.synthetic_size,
+                        seed=args.seed, model_seed=args.seed)  # --seed seeds the model's init too, as before
+        self.setting, self.model, self.dataset = Setting(cfg, device="cpu"), model, dataset
+        self.task = self.setting.task
         if args.reinit_classifier:
             module = self.task.model.get_submodule(last_linear_layer(self.task).weight.rsplit(".", 1)[0])
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(args.seed)
                 module.reset_parameters()
         self.params = self.task.trainable()
-        self.images, self.labels = data.private.images, data.private.labels
+        self.images, self.labels = self.setting.data.private.images, self.setting.data.private.labels
         self.num_classes = self.task.num_classes
         self.by_class = [np.flatnonzero(self.labels.numpy() == c) for c in range(self.num_classes)]
 
     def observe(self, idx: np.ndarray) -> Observation:
-        """The update a client holding these private images would send."""
-        images, labels = self.images[idx], self.labels[idx]
-        update = local_update(self.cfg, self.task, Defense(), images, labels, self.params, torch.Generator())
-        kind = "gradient" if self.cfg.protocol == "fedsgd" else "delta"
-        return Observation(1, 0, kind, update, self.params, len(idx), self.cfg.lr,
-                           local_steps(self.cfg, len(idx)), self.spec)
+        """The update a client holding these private images would send, as the server sees it."""
+        return self.setting.observe_examples(self.images[idx], self.labels[idx], self.params)
 
     def pick(self, labels, rng: np.random.Generator) -> np.ndarray:
         """One image of each wanted label, no image twice."""
@@ -115,68 +108,68 @@ def batch_metrics(pred: torch.Tensor, true: torch.Tensor, classes: int) -> dict[
             "lnacc": float((p == t).double().mean())}
 
 
-def run_strategy(setting: Setting, strategy: str, idx: np.ndarray, obs: Observation) -> dict:
-    true = setting.labels[idx]
-    row = {"model": setting.model, "dataset": setting.dataset, "strategy": strategy, "batch_size": len(idx),
+def run_strategy(pool: Pool, strategy: str, idx: np.ndarray, obs: Observation) -> dict:
+    true = pool.labels[idx]
+    row = {"model": pool.model, "dataset": pool.dataset, "strategy": strategy, "batch_size": len(idx),
            "true": " ".join(map(str, sorted(true.tolist())))}
     start = time.perf_counter()
     try:
-        pred = recover_labels(strategy, obs, setting.task)
+        pred = recover_labels(strategy, obs, pool.task)
     except LabelStrategyError as exc:
         return {**row, "error": str(exc)}
     row["seconds"] = time.perf_counter() - start
     row["predicted"] = " ".join(map(str, sorted(pred.tolist())))
-    return {**row, **batch_metrics(pred, true, setting.num_classes)}
+    return {**row, **batch_metrics(pred, true, pool.num_classes)}
 
 
-def positive_min(setting: Setting, idx: np.ndarray, obs: Observation) -> int:
+def positive_min(pool: Pool, idx: np.ndarray, obs: Observation) -> int:
     """Present classes whose weight-gradient row minimum is >= 0 (GradInversion cannot see them)."""
-    _, weight, _ = layer_gradient(obs, setting.task, "gradinversion")
-    return int(sum(weight[c].min() >= 0 for c in set(setting.labels[idx].tolist())))
+    _, weight, _ = layer_gradient(obs, pool.task, "gradinversion")
+    return int(sum(weight[c].min() >= 0 for c in set(pool.labels[idx].tolist())))
 
 
-def ilrg_diagnostics(setting: Setting, idx: np.ndarray, obs: Observation) -> dict[str, float]:
+def ilrg_diagnostics(pool: Pool, idx: np.ndarray, obs: Observation) -> dict[str, float]:
     """iLRG's steps 3-4 with the true per-class mean softmax in place of its estimate; the
     largest batch-mean class probability; min_j |B db_j| (iLRG divides by db_j)."""
-    _, _, bias_grad = layer_gradient(obs, setting.task, "ilrg", need_bias=True)
-    images, labels = setting.images[idx], setting.labels[idx]
+    _, _, bias_grad = layer_gradient(obs, pool.task, "ilrg", need_bias=True)
+    images, labels = pool.images[idx], pool.labels[idx]
     with torch.no_grad():
-        probs = setting.task.logits(setting.params, images).double().softmax(1)
+        probs = pool.task.logits(pool.params, images).double().softmax(1)
     mean = probs.mean(0)
     per_class = torch.stack([probs[labels == c].mean(0) if (labels == c).any() else mean
-                             for c in range(setting.num_classes)])
+                             for c in range(pool.num_classes)])
     counts = round_counts(solve_counts(per_class, bias_grad, len(idx)), len(idx))
-    return {"oracle_exact": float(torch.equal(counts, torch.bincount(labels, minlength=setting.num_classes))),
+    return {"oracle_exact": float(torch.equal(counts, torch.bincount(labels, minlength=pool.num_classes))),
             "top_prob": float(mean.max()), "min_bias_grad": float((len(idx) * bias_grad).abs().min())}
 
 
-def measure_idlg(setting: Setting, images: int, rng: np.random.Generator) -> list[dict]:
+def measure_idlg(pool: Pool, images: int, rng: np.random.Generator) -> list[dict]:
     rows = []
-    for trial, i in enumerate(rng.choice(len(setting.labels), size=images, replace=False)):
+    for trial, i in enumerate(rng.choice(len(pool.labels), size=images, replace=False)):
         idx = np.array([i])
-        rows.append({"part": "batch 1", "trial": trial, **run_strategy(setting, "idlg", idx, setting.observe(idx))})
+        rows.append({"part": "batch 1", "trial": trial, **run_strategy(pool, "idlg", idx, pool.observe(idx))})
     return rows
 
 
-def measure_gradinversion(setting: Setting, batches: int, rng: np.random.Generator, size: int = 8) -> list[dict]:
+def measure_gradinversion(pool: Pool, batches: int, rng: np.random.Generator, size: int = 8) -> list[dict]:
     rows = []
     for trial in range(batches):
-        idx = setting.pick(rng.choice(setting.num_classes, size=size, replace=False), rng)
-        obs = setting.observe(idx)
-        row = run_strategy(setting, "gradinversion", idx, obs)
+        idx = pool.pick(rng.choice(pool.num_classes, size=size, replace=False), rng)
+        obs = pool.observe(idx)
+        row = run_strategy(pool, "gradinversion", idx, obs)
         rows.append({"part": f"batch {size} distinct", "trial": trial, **row,
-                     "positive_min": positive_min(setting, idx, obs)})
+                     "positive_min": positive_min(pool, idx, obs)})
     return rows
 
 
-def measure_repeated(setting: Setting, batches: int, rng: np.random.Generator, size: int = 16) -> list[dict]:
+def measure_repeated(pool: Pool, batches: int, rng: np.random.Generator, size: int = 16) -> list[dict]:
     rows = []
     for trial in range(batches):
-        idx = setting.pick(rng.integers(setting.num_classes, size=size), rng)
-        obs = setting.observe(idx)
+        idx = pool.pick(rng.integers(pool.num_classes, size=size), rng)
+        obs = pool.observe(idx)
         part = {"part": f"batch {size} repeated", "trial": trial}
-        rows.append({**part, **run_strategy(setting, "ilrg", idx, obs), **ilrg_diagnostics(setting, idx, obs)})
-        rows.append({**part, **run_strategy(setting, "llg", idx, obs)})
+        rows.append({**part, **run_strategy(pool, "ilrg", idx, obs), **ilrg_diagnostics(pool, idx, obs)})
+        rows.append({**part, **run_strategy(pool, "llg", idx, obs)})
     return rows
 
 
@@ -218,12 +211,12 @@ def main() -> None:
     rows = []
     for model in args.models:
         for dataset in args.datasets:
-            setting = Setting(model, dataset, args)
+            pool = Pool(model, dataset, args)
             rng = np.random.default_rng(derive_seed(args.seed, model, dataset, "label recovery"))
-            rows += measure_idlg(setting, args.images, rng)
-            if setting.num_classes >= 8:
-                rows += measure_gradinversion(setting, args.batches, rng)
-            rows += measure_repeated(setting, args.batches, rng)
+            rows += measure_idlg(pool, args.images, rng)
+            if pool.num_classes >= 8:
+                rows += measure_gradinversion(pool, args.batches, rng)
+            rows += measure_repeated(pool, args.batches, rng)
             print(f"{model} / {dataset}: done", flush=True)
     frame = pd.DataFrame(rows)
     frame.to_csv(out / "results.csv", index=False)

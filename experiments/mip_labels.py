@@ -1,7 +1,8 @@
 """MIP's batch label search on CoOp (pre-trained tiny CLIP, digits): is the label multiset of a
 batch exactly right, and by what margin did it win?
 
-Two kinds of batches, each update from the real client code (`experiments/mip_tiny.py` helpers):
+Two kinds of batches, each update from the real client code through the harness
+(`experiments/mip_tiny.py` helpers):
 - `--labels distinct`: the batches of `mip_tiny.py --part recovery` (distinct labels, the
   issue's target; the same seeds, so `--first 20` checks batches that part does not score);
 - `--labels repeated`: random batches that repeat at least one label (the attack is never
@@ -24,7 +25,6 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from attacks.mip import MIP
 from experiments.mip_tiny import batches, observe, setting
 
 BATCH = 4
@@ -57,14 +57,14 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg, data, spec, task = setting("coop", "digits", args.seed)
-    attack = MIP.from_config(cfg)
+    s = setting("coop", args.seed)
+    attack = s.attack()
     rows = []
-    for k, idx in label_batches(data, args.labels, args.first, args.batches, args.seed):
-        obs, _, labels = observe(cfg, spec, task, data, idx, k)
+    for k, idx in label_batches(s.data, args.labels, args.first, args.batches, args.seed):
+        obs, truth = observe(s, idx, k)
         start = time.perf_counter()
-        found, _, info = attack.recover_embeddings(obs, task)
-        row = {"index": k, "labels": sorted(labels.tolist()), "found": sorted(found.tolist()),
+        found, _, info = attack.recover_embeddings(obs, s.task)
+        row = {"index": k, "labels": sorted(truth.labels.tolist()), "found": sorted(found.tolist()),
                "residual": info["relative_residual"], "runner_up": info.get("runner_up_residual"),
                "seconds": time.perf_counter() - start}
         row["exact"] = row["labels"] == row["found"]

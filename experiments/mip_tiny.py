@@ -1,8 +1,9 @@
 """MIP on fedsim's pre-trained tiny CLIP (32 px, embedded data): the numbers of the MIP issue.
 
-Each update comes from the real client code (`fedsim.training.local_update`, FedSGD, no
-defense) on private images; the attacker's decoders are trained on the public split only, so
-every image scored here is one the decoders never saw. Parts (`--part`):
+Each update comes from the real client code (`fedsim.harness.Setting.observe_examples`, FedSGD,
+no defense) on private images, the attack is built from the server's knowledge and scored by the
+harness's Scorer; the attacker's decoders are trained on the public split only, so every image
+scored here is one the decoders never saw. Parts (`--part`):
 
 - recovery: labels and embeddings, batch 1, for coop, adapter, text-adapter, double-adapter
   (`--images`, default 100), and coop at batch 4 with distinct labels (`--batches`, default 20).
@@ -50,25 +51,23 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from attacks.mip import MIP
-from defenses.base import Defense
-from fedsim.config import MIP_PRIORS, RunConfig
-from fedsim.data import federated_data
-from fedsim.evaluate import embedding_similarity, evaluate, mean_embedding
-from fedsim.models import build_task, model_spec
-from fedsim.observation import Observation
+from attacks.mip import PRIORS
+from fedsim.api import Observation, Reconstruction, observed
+from fedsim.config import RunConfig
+from fedsim.evaluate import embedding_similarity
+from fedsim.harness import Setting, Truth
 from fedsim.report import save_grid
-from fedsim.training import local_update
 
 TEXT_AND_HEAD = ("coop", "adapter", "text-adapter", "double-adapter")
 ALL_PEFT = (*TEXT_AND_HEAD, "lora", "vpt")
+DEFAULT_IMAGES = {"recovery": 100, "images": 20, "decoders": 20, "ablation": 8, "peft": 8}
 
 
-def setting(peft: str, dataset: str, seed: int):
-    cfg = RunConfig(peft=peft, dataset=dataset, seed=seed, attack="mip")
-    data = federated_data(cfg)
-    spec = model_spec(cfg, data.private.class_names)
-    return cfg, data, spec, build_task(spec)
+def setting(peft: str, seed: int) -> Setting:
+    """The pre-trained tiny CLIP under `peft` on digits, on CPU. `--seed` seeds the data, the
+    model's initialisation and the attack alike, as it did before the run config split the seeds."""
+    return Setting(RunConfig(peft=peft, dataset="digits", attack="mip", seed=seed, model_seed=seed,
+                             attack_seed=seed), device="cpu")
 
 
 def batches(data, n: int, batch: int, seed: int, distinct: bool):
@@ -83,42 +82,54 @@ def batches(data, n: int, batch: int, seed: int, distinct: bool):
             yield rng.choice(len(labels), size=batch, replace=False)
 
 
-def observe(cfg, spec, task, data, idx, client: int) -> tuple[Observation, torch.Tensor, torch.Tensor]:
-    images, labels = data.private.images[idx], data.private.labels[idx]
-    params = task.trainable()
-    update = local_update(cfg, task, Defense(), images, labels, params, torch.Generator().manual_seed(client))
-    obs = Observation(1, client, "gradient", update, params, len(labels), cfg.lr, 1, spec)
-    return obs, images, labels
+def observe(s: Setting, idx, client: int) -> tuple[Observation, Truth]:
+    """What the server sees of a client holding these private images (chosen here, not the
+    seeded batch), and the images apart, for scoring."""
+    truth = Truth(s.data.private.images[idx], s.data.private.labels[idx])
+    return s.observe_examples(truth.images, truth.labels, client=client), truth
+
+
+def add_to_grid(grids: dict, name: str, truth: torch.Tensor, recon: torch.Tensor) -> None:
+    pair = grids.setdefault(name, ([], []))
+    pair[0].append(truth)
+    pair[1].append(recon.detach())
+
+
+def save_grids(out: Path, grids: dict, class_names) -> None:
+    """One picture per grid: the true images on top, the reconstructions below, unlabelled."""
+    for name, (truth, recon) in grids.items():
+        unlabelled = torch.full((len(truth),), -1)
+        save_grid(out / name, [(torch.cat(truth), unlabelled), (torch.cat(recon), unlabelled)], class_names)
 
 
 def part_recovery(args, out: Path) -> pd.DataFrame:
     rows = []
     runs = [(p, 1, args.images, False) for p in TEXT_AND_HEAD] + [("coop", 4, args.batches, True)]
     for peft, batch, n, distinct in runs:
-        cfg, data, spec, task = setting(peft, "digits", args.seed)
-        attack = MIP.from_config(cfg)
-        centre = mean_embedding(task, task.trainable(), data.public.images[:256])
+        s = setting(peft, args.seed)
+        attack, task, params = s.attack(), s.task, s.task.trainable()
+        centre = s.scorer().gallery_centre(1, params)
         start = time.perf_counter()
-        for k, idx in enumerate(batches(data, n, batch, args.seed + batch, distinct)):
-            obs, images, labels = observe(cfg, spec, task, data, idx, k)
+        for k, idx in enumerate(batches(s.data, n, batch, args.seed + batch, distinct)):
+            obs, truth = observe(s, idx, k)
             t0 = time.perf_counter()
             recovered_labels, features, info = attack.recover_embeddings(obs, task)
             seconds = time.perf_counter() - t0
-            params = task.trainable()
             with torch.no_grad():
                 emb = task.embeddings(params, features=features)
-                true = task.embeddings(params, images)
+                true = task.embeddings(params, truth.images)
             order = _match_embeddings(emb, true)
-            sim = embedding_similarity(task, params, emb[order], images, centre)
-            exact = sorted(recovered_labels.tolist()) == sorted(labels.tolist())
-            rows.append({"peft": peft, "batch": batch, "index": k, "labels": labels.tolist(),
+            sim = embedding_similarity(task, params, emb[order], truth.images, centre)
+            labels = truth.labels.tolist()
+            exact = sorted(recovered_labels.tolist()) == sorted(labels)
+            rows.append({"peft": peft, "batch": batch, "index": k, "labels": labels,
                          "recovered": recovered_labels.tolist(), "labels_exact": exact, **sim,
                          "route": info["route"], "seconds": seconds})
-            print(f"{peft} b{batch} #{k}: {labels.tolist()} -> {recovered_labels.tolist()} "
+            print(f"{peft} b{batch} #{k}: {labels} -> {recovered_labels.tolist()} "
                   f"cos {sim['emb_cos']:.4f} centred {sim['emb_cos_centred']:.3f} ({seconds:.2f}s)", flush=True)
         print(f"  {peft} b{batch}: {time.perf_counter() - start:.0f}s", flush=True)
         with torch.no_grad():  # the cross-image baseline: different images' centred cosine
-            true = task.embeddings(task.trainable(), data.private.images[:200])
+            true = task.embeddings(params, s.data.private.images[:200])
             c = F.normalize(true - centre, dim=-1)
             off = (c @ c.T)[~torch.eye(len(c), dtype=torch.bool)]
         rows[-1]["baseline_centred"] = float(off.mean())
@@ -142,38 +153,29 @@ def _match_embeddings(recovered: torch.Tensor, true: torch.Tensor) -> np.ndarray
 
 
 def part_images(args, out: Path, pefts=("adapter", "coop")) -> pd.DataFrame:
-    priors = args.priors
     rows, grids = [], {}
     for peft in pefts:
-        cfg, data, spec, task = setting(peft, "digits", args.seed)
-        gallery = data.public.images[:256]
-        for prior in priors:
-            attack = MIP(iterations=args.iterations, seed=args.seed, prior=prior,
-                         public_images=data.public.images)
-            for k, idx in enumerate(batches(data, args.images, 1, args.seed, False)):
-                obs, images, labels = observe(cfg, spec, task, data, idx, k)
+        s = setting(peft, args.seed)
+        scorer = s.scorer()
+        for prior in args.priors:
+            attack = s.attack(attack_iters=args.iterations, mip_prior=prior)
+            for k, idx in enumerate(batches(s.data, args.images, 1, args.seed, False)):
+                obs, truth = observe(s, idx, k)
                 t0 = time.perf_counter()
-                recovered = attack.recover_embeddings(obs, task)
-                _, features, _ = recovered
+                labels, features, _ = attack.recover_embeddings(obs, s.task)
                 with torch.no_grad():
-                    true_features = F.normalize(task.model.encode_image(images), dim=-1)
+                    true_features = F.normalize(s.task.model.encode_image(truth.images), dim=-1)
                 for source, f in (("mip", features), ("true z", true_features)):
-                    recon, _ = attack.images_from(task, f)
-                    metrics, order = evaluate(recon, recovered[0], images, labels, gallery)
+                    recon, _ = attack.images_from(s.task, f)
+                    metrics, _ = scorer.score(obs, Reconstruction(recon, labels), truth)
                     rows.append({"peft": peft, "prior": prior, "source": source, "index": k,
                                  "iterations": args.iterations, **metrics,
                                  "seconds": time.perf_counter() - t0})
-                    grid = grids.setdefault((peft, prior, source), ([], []))
-                    grid[0].append(images)
-                    grid[1].append(recon.detach())
+                    add_to_grid(grids, f"grid_{peft}_{prior}_{source.replace(' ', '')}.png", truth.images, recon)
                 print(f"{peft} {prior} #{k}: mip {rows[-2]['psnr']:.2f} dB / ceiling {rows[-1]['psnr']:.2f} dB",
                       flush=True)
             pd.DataFrame(rows).to_csv(out / "images.csv", index=False)
-    names = data.private.class_names
-    for (peft, prior, source), (truth, recon) in grids.items():
-        n = len(truth)
-        save_grid(out / f"grid_{peft}_{prior}_{source.replace(' ', '')}.png",
-                  [(torch.cat(truth), torch.full((n,), -1)), (torch.cat(recon), torch.full((n,), -1))], names)
+    save_grids(out, grids, s.knowledge.class_names)
     df = pd.DataFrame(rows)
     summary = df.groupby(["peft", "prior", "source"], sort=False)[["psnr", "ssim", "ident_pixel",
                                                                     "ident_feature"]].median()
@@ -220,17 +222,15 @@ def _without_inverse_estimation(task, params, target, labels, start, steps: int,
 
 
 def part_ablation(args, out: Path) -> pd.DataFrame:
-    from attacks.base import observed
-
     rows, grids = [], {}
     for peft in ("coop", "adapter"):
-        cfg, data, spec, task = setting(peft, "digits", args.seed)
-        attack = MIP(iterations=args.iterations, seed=args.seed, public_images=data.public.images)
-        gallery = data.public.images[:256]
+        s = setting(peft, args.seed)
+        task, scorer, public = s.task, s.scorer(), s.knowledge.public.images
+        attack = s.attack(attack_iters=args.iterations)
         with torch.no_grad():
-            public_mean = F.normalize(task.model.encode_image(data.public.images), dim=-1).mean(0)
-        for k, idx in enumerate(batches(data, args.images, 1, args.seed, False)):
-            obs, images, labels = observe(cfg, spec, task, data, idx, k)
+            public_mean = F.normalize(task.model.encode_image(public), dim=-1).mean(0)
+        for k, idx in enumerate(batches(s.data, args.images, 1, args.seed, False)):
+            obs, truth = observe(s, idx, k)
             target, params = observed(obs, task)
             variants = {}
             t0 = time.perf_counter()
@@ -241,23 +241,17 @@ def part_ablation(args, out: Path) -> pd.DataFrame:
             imgs, _ = attack.images_from(task, z)
             variants["no label prediction"] = (imgs, soft_labels, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            start = data.public.images.mean(0, keepdim=True)
+            start = public.mean(0, keepdim=True)
             imgs = _without_inverse_estimation(task, params, target, recon.labels, start, 4 * args.iterations)
             variants["no inverse estimation"] = (imgs, recon.labels, time.perf_counter() - t0)
             for name, (imgs, labs, seconds) in variants.items():
-                metrics, _ = evaluate(imgs, labs, images, labels, gallery)
+                metrics, _ = scorer.score(obs, Reconstruction(imgs, labs), truth)  # image metrics only
                 rows.append({"peft": peft, "variant": name, "index": k, **metrics, "seconds": seconds})
-                grid = grids.setdefault((peft, name), ([], []))
-                grid[0].append(images)
-                grid[1].append(imgs.detach())
+                add_to_grid(grids, f"grid_ablation_{peft}_{name.replace(' ', '_')}.png", truth.images, imgs)
             print(f"{peft} #{k}: " + ", ".join(f"{r['variant']} {r['psnr']:.2f} dB label {r['label_acc']:.0f}"
                                                for r in rows[-3:]), flush=True)
         pd.DataFrame(rows).to_csv(out / "ablation.csv", index=False)
-    for (peft, name), (truth, recon) in grids.items():
-        n = len(truth)
-        save_grid(out / f"grid_ablation_{peft}_{name.replace(' ', '_')}.png",
-                  [(torch.cat(truth), torch.full((n,), -1)), (torch.cat(recon), torch.full((n,), -1))],
-                  data.private.class_names)
+    save_grids(out, grids, s.knowledge.class_names)
     df = pd.DataFrame(rows)
     summary = df.groupby(["peft", "variant"], sort=False)[["psnr", "ssim", "label_acc", "ident_feature",
                                                            "seconds"]].median()
@@ -267,20 +261,20 @@ def part_ablation(args, out: Path) -> pd.DataFrame:
 
 
 def part_identifiability(args, out: Path) -> pd.DataFrame:
-    from attacks.base import observed
     from attacks.embeddings import flat_update
     from attacks.label_search import candidate_label_sets, fit_label_sets
 
-    cfg, data, spec, task = setting("coop", "digits", args.seed)
-    attack = MIP.from_config(cfg)
+    s = setting("coop", args.seed)
+    task, attack, public_labels = s.task, s.attack(), s.knowledge.public.labels
     rows = []
-    for k, idx in enumerate(batches(data, args.batches, 4, args.seed + 4, True)):
-        obs, images, labels = observe(cfg, spec, task, data, idx, k)
+    for k, idx in enumerate(batches(s.data, args.batches, 4, args.seed + 4, True)):
+        obs, truth = observe(s, idx, k)
+        labels = truth.labels
         update, params = observed(obs, task)
         state = attack.round_state(task, params, list(update))
         jac, public = state["jacobian"], state["public"].double()
         g = flat_update(update, list(update))
-        means = torch.stack([F.normalize(public[data.public.labels == c].mean(0), dim=0)
+        means = torch.stack([F.normalize(public[public_labels == c].mean(0), dim=0)
                              for c in range(task.num_classes)])
 
         scale = task.model.clip.logit_scale.exp().double()
@@ -314,9 +308,9 @@ def part_decoders(args, out: Path) -> pd.DataFrame:
     images part; both on the decoder's output from the true embedding, before refinement."""
     from attacks.decoders import fit_decoder, shifted
 
-    cfg, data, spec, task = setting("adapter", "digits", args.seed)
-    encode, public = MIP(public_images=data.public.images).encode(task), data.public.images
-    test = data.private.images[np.concatenate(list(batches(data, args.images, 1, args.seed, False)))]
+    s = setting("adapter", args.seed)
+    encode, public = s.attack().encode(s.task), s.knowledge.public.images
+    test = s.data.private.images[np.concatenate(list(batches(s.data, args.images, 1, args.seed, False)))]
 
     dim = encode(public[:1]).shape[-1]
 
@@ -342,68 +336,48 @@ def part_peft(args, out: Path) -> pd.DataFrame:
     """The same private images attacked under every PEFT method, default MIP settings."""
     rows, grids = [], {}
     for peft in args.pefts:
-        cfg, data, spec, task = setting(peft, "digits", args.seed)
-        attack = MIP(iterations=args.iterations, seed=args.seed, public_images=data.public.images)
-        centre = mean_embedding(task, task.trainable(), data.public.images[:256])
-        for k, idx in enumerate(batches(data, args.images, 1, args.seed, False)):
-            obs, images, labels = observe(cfg, spec, task, data, idx, k)
+        s = setting(peft, args.seed)
+        attack, scorer = s.attack(attack_iters=args.iterations), s.scorer()
+        for k, idx in enumerate(batches(s.data, args.images, 1, args.seed, False)):
+            obs, truth = observe(s, idx, k)
             t0 = time.perf_counter()
-            recon = attack.reconstruct(obs, task)
-            metrics, order = evaluate(recon.images, recon.labels, images, labels, data.public.images[:256])
-            if "embeddings" in recon.extras:
-                metrics.update(embedding_similarity(task, task.trainable(), recon.extras["embeddings"][order],
-                                                    images, centre))
+            recon = attack.reconstruct(obs, s.task)
+            metrics, _ = scorer.score(obs, recon, truth)
             rows.append({"peft": peft, "route": recon.extras.get("route"), "index": k, **metrics,
                          "seconds": time.perf_counter() - t0})
-            grid = grids.setdefault(peft, ([], []))
-            grid[0].append(images)
-            grid[1].append(recon.images)
-            print(f"{peft} #{k}: {metrics['psnr']:.2f} dB, label {labels.tolist()} -> {recon.labels.tolist()}",
+            add_to_grid(grids, f"grid_peft_{peft}.png", truth.images, recon.images)
+            print(f"{peft} #{k}: {metrics['psnr']:.2f} dB, label {truth.labels.tolist()} -> {recon.labels.tolist()}",
                   flush=True)
         pd.DataFrame(rows).to_csv(out / "peft.csv", index=False)
-    for peft, (truth, recon) in grids.items():
-        n = len(truth)
-        save_grid(out / f"grid_peft_{peft}.png", [(torch.cat(truth), torch.full((n,), -1)),
-                                                  (torch.cat(recon), torch.full((n,), -1))], data.private.class_names)
+    save_grids(out, grids, s.knowledge.class_names)
     df = pd.DataFrame(rows)
     print(df.groupby(["peft", "route"], sort=False)[["psnr", "ssim", "label_acc", "ident_feature", "seconds"]]
           .median().to_string(float_format=lambda v: f"{v:.3f}"))
     return df
 
 
+PARTS = {"recovery": part_recovery, "images": part_images, "decoders": part_decoders, "ablation": part_ablation,
+         "identifiability": part_identifiability, "peft": part_peft}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", default="recovery",
-                        choices=["recovery", "images", "decoders", "ablation", "identifiability", "peft"])
-    parser.add_argument("--images", type=int, default=None, help="default: recovery 100, images 20")
+    parser.add_argument("--part", default="recovery", choices=list(PARTS))
+    parser.add_argument("--images", type=int, default=None,
+                        help="default: " + ", ".join(f"{part} {n}" for part, n in DEFAULT_IMAGES.items()))
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--iterations", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--enumerate", action="store_true", help="identifiability part: rank every label set")
-    parser.add_argument("--priors", nargs="+", default=list(MIP_PRIORS), choices=MIP_PRIORS, help="images part only")
+    parser.add_argument("--priors", nargs="+", default=list(PRIORS), choices=PRIORS, help="images part only")
     parser.add_argument("--pefts", nargs="+", default=list(ALL_PEFT), choices=ALL_PEFT, help="peft part only")
     parser.add_argument("--out", default="runs/mip")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.part == "recovery":
-        args.images = args.images or 100
-        part_recovery(args, out)
-    elif args.part == "images":
-        args.images = args.images or 20
-        part_images(args, out)
-    elif args.part == "ablation":
-        args.images = args.images or 8
-        part_ablation(args, out)
-    elif args.part == "identifiability":
-        part_identifiability(args, out)
-    elif args.part == "decoders":
-        args.images = args.images or 20
-        part_decoders(args, out)
-    elif args.part == "peft":
-        args.images = args.images or 8
-        part_peft(args, out)
+    args.images = args.images or DEFAULT_IMAGES.get(args.part)
+    PARTS[args.part](args, out)
     print(f"wrote {out}")
 
 

@@ -13,8 +13,7 @@ import time
 import torch
 
 from fedsim.config import RunConfig
-from fedsim.data import federated_data
-from fedsim.models import build_task, model_spec
+from fedsim.harness import Setting
 from fedsim.models.pretrain import checkpoint_path, ensure_pretrained
 from fedsim.training import accuracy
 
@@ -41,13 +40,11 @@ def main() -> None:
     for name in ("digits", "faces", "photos", "synthetic"):
         row = []
         for pretrained in ("none", "fedsim"):
-            cfg = RunConfig(dataset=name, peft="linear-probe", pretrained=pretrained)
-            data = federated_data(cfg)
-            task = build_task(model_spec(cfg, data.private.class_names))
-            images, labels = data.public_eval.images, data.public_eval.labels
-            row.append((accuracy(task, task.trainable(), images, labels)["accuracy"],
-                        mean_offdiag_cosine(task, images)))
-        print(f"{name:10s} {data.public_eval.num_classes:7d} {row[0][0]:12.1%} {row[1][0]:12.1%} "
+            setting = Setting(RunConfig(dataset=name, peft="linear-probe", pretrained=pretrained), device="cpu")
+            held_out, task = setting.data.public_eval, setting.task
+            row.append((accuracy(task, task.trainable(), held_out.images, held_out.labels)["accuracy"],
+                        mean_offdiag_cosine(task, held_out.images)))
+        print(f"{name:10s} {held_out.num_classes:7d} {row[0][0]:12.1%} {row[1][0]:12.1%} "
               f"{row[0][1]:12.3f} -> {row[1][1]:.3f}")
 
 

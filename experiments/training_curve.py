@@ -1,7 +1,7 @@
 """Global accuracy over FedAvg rounds for PEFT methods on the pre-trained tiny CLIP.
 
 Each method runs as a real `fedsim run` (Flower on Ray, no attack); the server's accuracy on
-the public split per round comes from each run's metrics.csv. Writes curves.csv and curves.png.
+the public split per round comes from each run's metrics table. Writes curves.csv and curves.png.
 
     .venv/bin/python experiments/training_curve.py --rounds 10 --methods coop adapter --lrs 0.05 5
 """
@@ -42,8 +42,7 @@ def main() -> None:
         cfg = RunConfig(peft=method, dataset=args.dataset, clients=args.clients, rounds=args.rounds,
                         protocol="fedavg", local_steps=args.local_steps, batch_size=args.batch_size,
                         lr=lr, attack="none", out=str(out / method), overwrite=True)
-        run_dir = run(cfg, console=console)
-        curves.append(pd.read_csv(run_dir / "metrics.csv").assign(peft=method))
+        curves.append(run(cfg, console=console).metrics.assign(peft=method))
     table = pd.concat(curves)
     table.to_csv(out / "curves.csv", index=False)
     console.print(table.pivot(index="round", columns="peft", values="accuracy").round(4).to_string())

@@ -23,6 +23,9 @@ client_app = make_client_app()  # reads the RunConfig from each message's run co
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    from rich.console import Console
+
+    from fedsim.report import print_result
     from fedsim.runner import run
 
     cfg = RunConfig.from_run_config(context.run_config)
@@ -30,4 +33,5 @@ def main(grid: Grid, context: Context) -> None:
     if nodes < cfg.clients:  # the strategy would wait for the missing nodes forever
         raise ConfigError(f"clients={cfg.clients} but the federation has {nodes} SuperNodes; set the "
                           f"federation's num-supernodes to {cfg.clients} or lower clients")
-    run(cfg, grid=grid)
+    console = Console()
+    print_result(console, run(cfg, console=console, grid=grid))

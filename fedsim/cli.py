@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import fields
 from pathlib import Path
-from typing import get_type_hints
+from typing import Optional, get_type_hints
 
 import numpy as np
 import typer
@@ -13,7 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import CORE, GROUPS, ConfigError, RunConfig
 
 app = typer.Typer(help="fedsim: federated-learning privacy testbed. A curious Flower server attacks "
                        "what clients send while fine-tuning CLIP; see what leaks.",
@@ -24,35 +24,67 @@ console = Console()
 def _run(verbose: bool = False, **options) -> None:
     try:
         cfg = RunConfig(**options)
+        from fedsim.report import print_result
         from fedsim.runner import run
 
-        run(cfg, console=console, verbose=verbose)
+        print_result(console, run(cfg, console=console, verbose=verbose))
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
 
 
-def _config_options(names: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
-    """One option per RunConfig field (all, or those in `names`), with its default and help."""
+def _core_options(names: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
+    """One option per core RunConfig field (all, or those in `names`), with its default, help
+    and --help panel."""
     types = get_type_hints(RunConfig)
     return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=types[f.name],
-                              default=typer.Option(f.default, help=f.metadata["help"]))
-            for f in fields(RunConfig) if names is None or f.name in names]
+                              default=typer.Option(f.default, help=f.metadata["help"],
+                                                   rich_help_panel=f.metadata["group"]))
+            for f in fields(RunConfig) if f.name in CORE and (names is None or f.name in names)]
+
+
+def plugin_panel(known) -> str:
+    """The --help panel of a plugin option: the plugin's name, or `every attack`."""
+    from fedsim.plugins import attack_names
+
+    if known.group == "attack" and set(known.plugins) == set(attack_names()):
+        return "attack: every attack"
+    return f"{known.group}: {', '.join(known.plugins)}"
+
+
+def _plugin_options() -> list[inspect.Parameter]:
+    """One option per declared plugin option (`--dp-noise`), under its plugin's panel."""
+    from fedsim.options import declared
+
+    params = []
+    for key, known in declared().items():
+        opt = known.option
+        hint = f" (valid: {opt.valid})" if opt.valid else f" (valid: {', '.join(map(str, opt.choices))})" \
+            if opt.choices else ""
+        params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[opt.kind],
+                                        default=typer.Option(opt.default, help=opt.help + hint,
+                                                             rich_help_panel=plugin_panel(known))))
+    order = {group: i for i, group in enumerate(GROUPS)}
+    return sorted(params, key=lambda p: order[p.default.rich_help_panel.split(":")[0]])
 
 
 def _run_signature() -> inspect.Signature:
-    """`fedsim run`'s options, one per RunConfig field."""
-    params = _config_options()
+    """`fedsim run`'s options: the core fields, then every installed plugin's, by panel."""
+    order = {group: i for i, group in enumerate(GROUPS)}
+    params = sorted(_core_options() + _plugin_options(),
+                    key=lambda p: order[p.default.rich_help_panel.split(":")[0]])
     params.append(inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
-                                    default=typer.Option(False, "--verbose", "-v",
+                                    default=typer.Option(False, "--verbose", "-v", rich_help_panel="run",
                                                          help="show Flower's and Ray's logs")))
     return inspect.Signature(params)
 
 
 _run.__signature__ = _run_signature()
 app.command("run", help="Run a federated simulation, attack every client update, score what leaked. "
-                        "Writes config.yaml, results.csv, timings.json and reconstructions/*.png "
-                        "to --out.")(_run)
+                        "Writes config.yaml, results.csv, metrics.csv, timings.json, observations/ and "
+                        "reconstructions/*.png to --out. Options are grouped by concern; each attack's "
+                        "and defense's own options sit under its name (`fedsim list` shows them too).",
+        context_settings={"max_content_width": 120})(_run)
 
 
 data_app = typer.Typer(help="Inspect datasets and client partitions.", no_args_is_help=True)
@@ -103,7 +135,7 @@ def describe_table(cfg: RunConfig, data) -> Table:
     return table
 
 
-_describe.__signature__ = inspect.Signature(_config_options(DATA_FIELDS))
+_describe.__signature__ = inspect.Signature(_core_options(DATA_FIELDS))
 data_app.command("describe", help="Load a dataset, partition it as `fedsim run` would and print "
                                   "each client's image and class counts and the public split.")(_describe)
 
@@ -135,19 +167,51 @@ def sweep_grid(
 
 @app.command("list")
 def list_plugins() -> None:
-    """List the installed attack and defense plugins."""
+    """List the installed attack and defense plugins, each with its options and their defaults."""
+    from fedsim.options import plugin_keys
     from fedsim.plugins import ATTACK_GROUP, DEFENSE_GROUP, available
 
     for title, group in (("attacks", ATTACK_GROUP), ("defenses", DEFENSE_GROUP)):
-        table = Table(title=f"{title} ({group})")
+        table = Table(title=f"{title} ({group})", show_lines=True)
         table.add_column("name")
         table.add_column("provided by")
         table.add_column("summary")
+        table.add_column("options (default)")
         for name, ep in sorted(available(group).items()):
             obj = ep.load()
             doc = (inspect.getdoc(inspect.getmodule(obj)) or inspect.getdoc(obj) or "").splitlines()
-            table.add_row(name, ep.value, doc[0] if doc else "")
+            options = "\n".join(f"--{key.replace('_', '-')} ({describe_default(obj, opt)})"
+                                 for key, opt in plugin_keys(obj, name).items())
+            table.add_row(name, ep.value, doc[0] if doc else "", options)
         console.print(table)
+
+
+def describe_default(plugin, opt) -> str:
+    """An option's default; an unset one (None) shows what the plugin's constructor takes instead."""
+    if opt.default is not None:
+        return str(opt.default)
+    own = inspect.signature(plugin.__init__).parameters.get(opt.name)
+    return f"unset: {own.default:,}" if own is not None and own.default is not inspect.Parameter.empty else "unset"
+
+
+@app.command("flwr-config")
+def flwr_config() -> None:
+    """Print the `[tool.flwr.app.config]` table for `flwr run`: every `fedsim run` option with its
+    default, installed plugins' included. Paste it into your Flower App's pyproject.toml."""
+    console.print(flwr_app_config(), markup=False, highlight=False, soft_wrap=True)
+
+
+def flwr_app_config() -> str:
+    """The `[tool.flwr.app.config]` table, derived from RunConfig's core fields and the installed
+    plugins' option declarations (an unset option is written as an empty string)."""
+    import tomli_w
+
+    from fedsim.options import declared
+
+    values = {name.replace("_", "-"): getattr(RunConfig(), name) for name in CORE}
+    values.update({key.replace("_", "-"): "" if d.option.default is None else d.option.default
+                   for key, d in declared().items()})
+    return "[tool.flwr.app.config]\n" + tomli_w.dumps(values)
 
 
 @app.command("pretrain")
@@ -187,17 +251,19 @@ def list_models() -> None:
 def attack_file(
     observation: Path = typer.Argument(..., help="an observation file saved by a run (observations/*.pt)"),
     attack: str = typer.Option("mip", help="attack plugin to run"),
-    attack_iters: int = typer.Option(100, help="optimiser iterations of the attack"),
-    seed: int = typer.Option(0, help="the attack's own random seed"),
+    attack_iters: int = typer.Option(None, help="optimiser iterations of the attack; unset = the attack's "
+                                                "own default (`fedsim list`)"),
+    attack_seed: int = typer.Option(0, help="the attack's own random seed"),
     out: Path = typer.Option(Path("replay.png"), help="where to save the reconstructed images"),
     dataset: str = typer.Option("", help="the server's public split (MIP's priors learn from it); default: "
                                 "the run's config.yaml next to the observations folder, else digits"),
 ) -> None:
-    """Replay a saved observation: run an attack on it offline and save the reconstruction."""
+    """Replay a saved observation: run an attack on it offline, built from the same knowledge the
+    run's server had, and save the reconstruction."""
     from fedsim.replay import replay
 
     try:
-        replay(observation, attack, attack_iters, seed, out, console, dataset or None)
+        replay(observation, attack, attack_iters, attack_seed, out, console, dataset or None)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

@@ -1,130 +1,152 @@
-"""The run configuration: one dataclass, validated before any work starts, saved as YAML to rerun."""
+"""The run configuration: core fields (data, model, federation, run) plus the options of the
+chosen plugins, validated before any work starts, saved as YAML to rerun.
+
+Attack and defense options are not fields here: each plugin declares its own (`fedsim.options`),
+and a RunConfig holds their values by key in `options` (`RunConfig(dp_noise=0.5)` sets one).
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_type_hints
 
 import yaml
 
+from fedsim.options import ConfigError, declared
+from fedsim.protocol import PROTOCOLS
 
-class ConfigError(ValueError):
-    """A bad value in a run configuration; the message names the value and the valid ones."""
+__all__ = ["RunConfig", "ConfigError", "CLASSIC_MODELS", "CLIP_PEFT", "GROUPS"]
 
-
-DATASETS = ("digits", "faces", "photos", "synthetic", "mnist", "cifar10", "cifar100", "caltech101",
-            "imagefolder")
 PARTITIONS = ("iid", "dirichlet", "shard")
 SYNTHETIC_MAX_CLASSES = 64  # 8 shapes x 8 colours
 CLASSIC_MODELS = ("lenet", "convnet", "resnet18")
 CLIP_PEFT = ("coop", "adapter", "text-adapter", "double-adapter", "lora", "vpt", "linear-probe", "full")
 DEVICES = ("auto", "cpu", "cuda")
-PROTOCOLS = ("fedsgd", "fedavg")
-LABEL_STRATEGIES = ("idlg", "gradinversion", "llg", "ilrg")
-MIP_PRIORS = ("ridge", "conv", "tv")  # attacks.decoders.LEARNED_PRIORS + tv; config imports no attack code
 ENGINES = ("ray", "inprocess")
+GROUPS = ("data", "model", "federation", "attack", "defense", "run")  # --help's panels, in order
 
 
-def option(default, help: str):
-    """A config field that is also a `fedsim run` option; `help` is its --help text."""
-    return field(default=default, metadata={"help": help})
+def option(default, help: str, group: str):
+    """A core field that is also a `fedsim run` option; `help` is its --help text, `group` its panel."""
+    return field(default=default, metadata={"help": help, "group": group})
 
 
-@dataclass
+@dataclass(init=False)
 class RunConfig:
-    """Everything that defines a run; every field is also a `fedsim run` option."""
+    """Everything that defines a run: the core fields, and `options`, the plugin options by key."""
 
-    clients: int = option(10, "number of simulated clients (Flower supernodes)")
-    rounds: int = option(1, "federated rounds")
-    batch_size: int = option(1, "images in each client's batch per round (FedSGD: one batch, one gradient)")
+    clients: int = option(10, "number of simulated clients (Flower supernodes)", "federation")
+    rounds: int = option(1, "federated rounds", "federation")
+    batch_size: int = option(1, "images in each client's batch per round (FedSGD: one batch, one gradient)", "federation")
     dataset: str = option("digits", "embedded: digits, faces, photos, synthetic; from --data-root: "
-                                    "mnist, cifar10, cifar100, caltech101, imagefolder")
-    image_size: int = option(32, "images are resized to this many pixels per side")
+                                    "mnist, cifar10, cifar100, caltech101, imagefolder", "data")
+    image_size: int = option(32, "images are resized to this many pixels per side", "data")
     data_root: str = option("", "folder holding mnist/cifar/caltech101 files in torchvision's layout, "
-                                "or imagefolder's class folders; empty = ~/.cache/fedsim/data")
+                                "or imagefolder's class folders; empty = ~/.cache/fedsim/data", "data")
     download: bool = option(False, "let torchvision download mnist/cifar/caltech101 into --data-root "
-                                   "(needs network)")
+                                   "(needs network)", "data")
     synthetic_classes: int = option(10, "synthetic: number of shape classes (up to 8 shapes, "
-                                        "then shape-and-colour pairs, at most 64)")
-    synthetic_size: int = option(100, "synthetic: images per class")
+                                        "then shape-and-colour pairs, at most 64)", "data")
+    synthetic_size: int = option(100, "synthetic: images per class", "data")
     partition: str = option("iid", "how the private pool is split across clients: iid, dirichlet "
-                                    "(label skew, see --alpha) or shard (see --shards)")
-    alpha: float = option(0.5, "dirichlet: concentration; smaller = each client sees fewer classes")
-    shards: int = option(2, "shard: classes per client")
+                                    "(label skew, see --alpha) or shard (see --shards)", "data")
+    alpha: float = option(0.5, "dirichlet: concentration; smaller = each client sees fewer classes", "data")
+    shards: int = option(2, "shard: classes per client", "data")
     model: str = option("tiny-clip", "tiny-clip (shipped with fedsim), any open_clip model name "
-                        "(e.g. ViT-B-32), or a classic model: lenet (DLG's), convnet, resnet18")
+                        "(e.g. ViT-B-32), or a classic model: lenet (DLG's), convnet, resnet18", "model")
     pretrained: str = option("fedsim", "CLIP weights: fedsim = tiny-clip pre-trained by fedsim (built "
                              "and cached on first use), none = random init, an open_clip pretrained "
-                             "tag (downloaded when online), or a local checkpoint file")
-    peft: str = option("coop", "trainable part of CLIP: " + ", ".join(CLIP_PEFT) + "; classic models: full")
-    n_ctx: int = option(4, "coop: number of learnable context vectors")
-    coop_class_specific: bool = option(False, "coop: one set of context vectors per class")
-    adapter_reduction: int = option(4, "adapters: bottleneck width = feature width / reduction")
-    adapter_ratio: float = option(0.2, "adapters: residual blend ratio alpha (output = alpha*A(f) + (1-alpha)*f)")
-    lora_rank: int = option(4, "lora: rank r")
-    lora_alpha: float = option(8.0, "lora: scaling alpha")
-    lora_tower: str = option("image", "lora: image, text or both towers")
-    lora_targets: str = option("attn", "lora: comma-separated block parts: attn (whole attention), c_fc, c_proj")
-    vpt_tokens: int = option(4, "vpt: number of learnable visual prompt tokens")
+                             "tag (downloaded when online), or a local checkpoint file", "model")
+    peft: str = option("coop", "trainable part of CLIP: " + ", ".join(CLIP_PEFT) + "; classic models: full", "model")
+    n_ctx: int = option(4, "coop: number of learnable context vectors", "model")
+    coop_class_specific: bool = option(False, "coop: one set of context vectors per class", "model")
+    adapter_reduction: int = option(4, "adapters: bottleneck width = feature width / reduction", "model")
+    adapter_ratio: float = option(0.2, "adapters: residual blend ratio alpha (output = alpha*A(f) + (1-alpha)*f)", "model")
+    lora_rank: int = option(4, "lora: rank r", "model")
+    lora_alpha: float = option(8.0, "lora: scaling alpha", "model")
+    lora_tower: str = option("image", "lora: image, text or both towers", "model")
+    lora_targets: str = option("attn", "lora: comma-separated block parts: attn (whole attention), c_fc, c_proj", "model")
+    vpt_tokens: int = option(4, "vpt: number of learnable visual prompt tokens", "model")
+    model_seed: int = option(0, "seeds the model's initialisation (PEFT parameters, classic models); public, "
+                                "part of the model description the server sends, independent of --seed", "model")
     protocol: str = option("fedsgd", "fedsgd: clients send the gradient of one batch; fedavg: clients "
-                           "take local SGD steps and send the weight delta")
+                           "take local SGD steps and send the weight delta", "federation")
     lr: float = option(0.01, "learning rate: the server's step on the averaged gradient (fedsgd), "
-                       "the clients' SGD step (fedavg)")
-    local_steps: int = option(1, "fedavg: SGD steps on the round's batch")
-    local_epochs: int = option(0, "fedavg: if > 0, passes over all the client's data instead of local steps")
-    fraction: float = option(1.0, "share of clients sampled each round")
-    attack: str = option("mip", "attack run by the curious server on every client update; none to skip")
-    attack_iters: int = option(10, "optimiser iterations of the attack (DLG: L-BFGS steps of up to 20 "
-                               "iterations each; MIP: refinement steps of the image-encoder inversion)")
-    mip_prior: str = option("ridge", "mip: image prior: ridge (kernel ridge) or conv (decoders learned on the "
-                            "public split, cached) or tv (total variation from the public mean image)")
-    label_strategy: str = option("default", "how the attack gets labels: default (the attack's own), "
-                                 "optimise (soft labels, DLG-style), or a rule: " + ", ".join(LABEL_STRATEGIES))
-    attack_restarts: int = option(1, "independent restarts; the one that matches the gradient best is kept")
+                       "the clients' SGD step (fedavg)", "federation")
+    local_steps: int = option(1, "fedavg: SGD steps on the round's batch", "federation")
+    local_epochs: int = option(0, "fedavg: if > 0, passes over all the client's data instead of local steps", "federation")
+    fraction: float = option(1.0, "share of clients sampled each round", "federation")
+    attack: str = option("mip", "attack run by the curious server on every client update (`fedsim list` "
+                         "shows them and their options); none to skip", "attack")
+    attack_seed: int = option(0, "the attack's own random seed (restarts, dummy data): the server's, "
+                                 "independent of --seed", "attack")
     defense: str = option("none", "comma-separated chain of defenses, applied in the order given "
-                          "(`fedsim list` shows them): dp, dp-update, flower-dp, prune, quantize, soteria, "
-                          "secagg; none for no defense")
-    dp_clip: float = option(1.0, "dp: per-example gradient L2 clipping bound C")
-    dp_noise: float = option(1.0, "dp: noise multiplier sigma (noise std = sigma * C on the summed gradient)")
-    dp_delta: float = option(1e-5, "dp, dp-update, flower-dp: delta at which epsilon is reported")
-    update_clip: float = option(1.0, "dp-update, flower-dp: L2 clipping bound C of a client's whole update")
-    update_noise: float = option(1.0, "dp-update, flower-dp: noise multiplier sigma (std sigma * C on the "
-                                 "update; flower-dp: on the sum, added by the server)")
-    prune_ratio: float = option(0.9, "prune: share of each tensor's entries, smallest in magnitude, set to zero")
-    quantize_bits: int = option(8, "quantize: bits per entry (2^bits levels between a tensor's min and max)")
-    quantize_mode: str = option("stochastic", "quantize: stochastic (unbiased rounding) or deterministic (nearest)")
-    soteria_ratio: float = option(0.8, "soteria: share of representation units masked in the gradient of the "
-                                  "layer they feed")
-    secagg_shares: int = option(3, "secagg: SecAgg+ neighbours each client secret-shares its keys with "
-                                "(>= 3; 1 = every sampled client, as in the original SecAgg)")
-    secagg_threshold: int = option(2, "secagg: shares needed to rebuild a client's secret (2 <= threshold < "
-                                   "shares; 1 = all of them)")
-    secagg_clip: float = option(8.0, "secagg: SecAgg+ clips each update entry to [-clip, clip] before "
-                                "quantising it to 2^22 levels")
-    seed: int = option(0, "seeds data split, batch schedule, model init, noise and attack")
+                          "(`fedsim list` shows the installed ones and their options); none for no defense",
+                          "defense")
+    seed: int = option(0, "the data seed: client partition, batch schedule and the clients' own noise "
+                          "(defenses). It stays with the clients: nothing the server sees depends on it", "data")
     engine: str = option("ray", "ray: Flower's simulation engine on Ray; inprocess: clients called "
-                         "one after another in this process (no Ray start-up; tests, debugging)")
-    device: str = option("auto", "auto = CUDA when available, else CPU")
-    out: str = option("", "output directory; empty = runs/<timestamp>")
-    overwrite: bool = option(False, "allow writing into a non-empty output directory")
+                         "one after another in this process (no Ray start-up; tests, debugging)", "run")
+    device: str = option("auto", "auto = CUDA when available, else CPU", "run")
+    out: str = option("", "output directory; empty = runs/<timestamp>", "run")
+    overwrite: bool = option(False, "allow writing into a non-empty output directory", "run")
 
-    def validate(self, attacks: list[str], defenses: list[str]) -> None:
-        """Fail fast with a message naming the bad value and the valid ones."""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, options: dict[str, Any] | None = None, **values: Any):
+        """Core fields by name; plugin options by key, either as keywords or in `options`.
+        Every declared plugin option gets its default, so `options` always holds them all."""
+        given = {**(options or {}), **{k: v for k, v in values.items() if k not in CORE}}
+        unknown = sorted(set(given) - set(declared()))
+        if unknown:
+            raise ConfigError(f"unknown option {', '.join(unknown)}; valid: "
+                              f"{', '.join(sorted([*CORE, *declared()]))}")
+        for f in fields(RunConfig):
+            if f.name != "options":
+                setattr(self, f.name, values.get(f.name, f.default))
+        self.options = {key: d.option.cast(given.get(key, d.option.default)) for key, d in declared().items()}
+
+    def value(self, name: str) -> Any:
+        """A core field's or a plugin option's value, by name or key (`peft`, `dp_noise`)."""
+        return getattr(self, name) if name in CORE else self.option(name)
+
+    def option(self, key: str) -> Any:
+        """A plugin option's value by key (`dp_noise`)."""
+        if key not in self.options:
+            raise ConfigError(f"unknown option {key!r}; no installed plugin declares it")
+        return self.options[key]
+
+    def plugin_options(self, plugin_class, name: str) -> dict[str, Any]:
+        """A plugin's options by the names it declares them under (its constructor keywords)."""
+        return {opt.name: self.options[opt.key_for(name)] for opt in getattr(plugin_class, "options", ())}
+
+    def validate(self, strict_options: bool = True) -> None:
+        """Fail fast with a message naming the bad value and the valid ones. `strict_options`:
+        refuse a plugin option that neither the attack nor a defense reads (a sweep's base may
+        set options that only some of its trials read)."""
+        from fedsim.plugins import attack_names, defense_names
+
         self.validate_data()
-        _positive(self, "rounds", "n_ctx", "attack_iters", "attack_restarts", "adapter_reduction",
-                  "lora_rank", "vpt_tokens", "local_steps")
+        _positive(self, "rounds", "n_ctx", "adapter_reduction", "lora_rank", "vpt_tokens", "local_steps")
+        _finite(self, "lr", "fraction", "adapter_ratio", "lora_alpha")
         _choice("protocol", self.protocol, PROTOCOLS)
         if self.local_epochs < 0:
             raise ConfigError(f"--local-epochs must be >= 0, got {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
         self._validate_model()
-        _choice("attack", self.attack, ["none", *attacks])
-        _choice("label-strategy", self.label_strategy, ("default", "optimise", *LABEL_STRATEGIES))
-        _choice("mip-prior", self.mip_prior, MIP_PRIORS)
-        self._validate_defenses(defenses)
+        _choice("attack", self.attack, ["none", *attack_names()])
+        chain = [n.strip() for n in self.defense.split(",")]
+        for name in chain:
+            _choice("defense", name, ["none", *defense_names()], " (a comma-separated chain)")
+        if "none" in chain and len(chain) > 1:
+            raise ConfigError(f"--defense {self.defense!r}: none cannot be chained with other defenses")
+        repeated = sorted({n for n in chain if chain.count(n) > 1})
+        if repeated:
+            raise ConfigError(f"--defense {self.defense!r} names {', '.join(repeated)} more than once")
+        self.validate_options(strict_options)
         _choice("device", self.device, DEVICES)
         _choice("engine", self.engine, ENGINES)
         if self.lr <= 0:
@@ -136,15 +158,34 @@ class RunConfig:
             if out.is_dir() and any(out.iterdir()) and not self.overwrite:
                 raise ConfigError(f"--out {self.out} exists and is not empty; pass --overwrite or "
                                   "choose another directory")
+        from fedsim.plugins import make_defense
+
+        make_defense(self)  # a chain whose defenses refuse their options or each other fails here
+
+    def validate_options(self, strict: bool = True) -> None:
+        """Each plugin option against its declaration; with `strict`, a value no chosen plugin
+        reads (other than its default) is refused."""
+        plugins = {self.attack, *self.defense_list}
+        for key, value in self.options.items():
+            known = declared()[key]
+            known.option.validate(key, value)
+            if strict and value != known.option.default and not plugins & set(known.plugins):
+                raise ConfigError(f"{known.flag} does not apply to --attack {self.attack} --defense "
+                                  f"{self.defense}; it is read by {', '.join(known.plugins)}")
 
     def validate_data(self) -> None:
         """The checks on the fields that define the data and its partition."""
         _positive(self, "clients", "batch_size", "image_size", "synthetic_classes", "synthetic_size",
                   "shards")
-        _choice("dataset", self.dataset, DATASETS)
+        _finite(self, "alpha")
+        from fedsim.datasets import SOURCES
+
+        _choice("dataset", self.dataset, tuple(SOURCES))
         _choice("partition", self.partition, PARTITIONS)
         if not self.alpha > 0:
             raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
         if self.synthetic_classes > SYNTHETIC_MAX_CLASSES:
             raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too many; valid: "
                               f"1..{SYNTHETIC_MAX_CLASSES}")
@@ -153,6 +194,8 @@ class RunConfig:
                               "sub-folder of images per class")
 
     def _validate_model(self) -> None:
+        if self.model_seed < 0:
+            raise ConfigError(f"--model-seed must be >= 0, got {self.model_seed}")
         if self.model in CLASSIC_MODELS:
             _choice("peft", self.peft, ("full",), f" for --model {self.model}")
             if self.pretrained not in ("none", "fedsim"):  # "fedsim" (the default) means nothing here
@@ -176,54 +219,9 @@ class RunConfig:
         if not 0 <= self.adapter_ratio <= 1:
             raise ConfigError(f"--adapter-ratio must be in [0, 1], got {self.adapter_ratio}")
 
-    def _validate_defenses(self, installed: list[str]) -> None:
-        chain = [n.strip() for n in self.defense.split(",")]
-        for name in chain:
-            _choice("defense", name, ["none", *installed], " (a comma-separated chain)")
-        if "none" in chain and len(chain) > 1:
-            raise ConfigError(f"--defense {self.defense!r}: none cannot be chained with other defenses")
-        repeated = sorted({n for n in chain if chain.count(n) > 1})
-        if repeated:
-            raise ConfigError(f"--defense {self.defense!r} names {', '.join(repeated)} more than once")
-        for name in ("dp_noise", "update_noise"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("dp_clip", "update_clip"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        if not 0 < self.dp_delta < 1:
-            raise ConfigError(f"--dp-delta must be in (0, 1), got {self.dp_delta}")
-        for name in ("prune_ratio", "soteria_ratio"):
-            if not 0 <= getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be in [0, 1), got {getattr(self, name)}")
-        if "secagg" in chain:
-            self._validate_secagg(chain)
-        if not 1 <= self.quantize_bits <= 16:
-            raise ConfigError(f"--quantize-bits must be in 1..16, got {self.quantize_bits}")
-        _choice("quantize-mode", self.quantize_mode, ("stochastic", "deterministic"))
-
-    def _validate_secagg(self, chain: list[str]) -> None:
-        """SecAgg+'s own constraints (Flower's SecAggPlusWorkflow), checked before any work."""
-        if "flower-dp" in chain:
-            raise ConfigError("--defense secagg cannot be chained with flower-dp: Flower's SecAgg+ runs on its "
-                              "legacy strategy API, its fixed-clipping DP wrapper here on the Message API")
-        sampled = max(1, int(self.clients * self.fraction))
-        if sampled < 2:
-            raise ConfigError(f"--defense secagg needs at least 2 clients per round (--clients x --fraction), "
-                              f"got {sampled}")
-        if not (self.secagg_shares == 1 or self.secagg_shares >= 3):
-            raise ConfigError(f"--secagg-shares must be 1 (every sampled client) or >= 3, got {self.secagg_shares}")
-        neighbours = sampled if self.secagg_shares == 1 else min(self.secagg_shares, sampled)
-        if not (self.secagg_threshold == 1 or 2 <= self.secagg_threshold <= neighbours) or (
-                self.secagg_shares >= 3 and self.secagg_threshold >= self.secagg_shares):
-            raise ConfigError(f"--secagg-threshold must be 1 (all shares) or in 2..{neighbours} and below "
-                              f"--secagg-shares {self.secagg_shares}, got {self.secagg_threshold}")
-        if not self.secagg_clip > 0:
-            raise ConfigError(f"--secagg-clip must be > 0, got {self.secagg_clip}")
-
     @property
     def defense_list(self) -> list[str]:
-        """The defense chain, in the order it applies (see defenses.base.Chain); [] for none."""
+        """The defense chain, in the order it applies (see fedsim.api.Chain); [] for none."""
         names = [n.strip() for n in self.defense.split(",")]
         return [] if names == ["none"] else names
 
@@ -231,39 +229,54 @@ class RunConfig:
     def lora_target_list(self) -> tuple[str, ...]:
         return tuple(t.strip() for t in self.lora_targets.split(",") if t.strip())
 
+    def relevant_options(self) -> dict[str, Any]:
+        """The options read by this run's attack and defenses (what config.yaml records)."""
+        plugins = {self.attack, *self.defense_list}
+        return {k: v for k, v in self.options.items() if plugins & set(declared()[k].plugins)}
+
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Core fields, then the options this run's plugins read, all flat (`dp_noise: 1.0`)."""
+        return {**{name: getattr(self, name) for name in CORE}, **self.relevant_options()}
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must be a mapping of option: value")
         return cls.from_dict(data)
 
     @classmethod
     def from_run_config(cls, run_config: dict[str, Any]) -> "RunConfig":
         """From Flower's run config (`[tool.flwr.app.config]`, `flwr run --run-config`), whose
         keys are the `fedsim run` option names (batch-size = --batch-size). Numbers are cast to
-        the field's type (TOML writes lr = 1 as an int)."""
-        types = {f.name: type(f.default) for f in fields(cls)}
-        data = {}
-        for key, value in run_config.items():
-            name = key.replace("-", "_")
-            if name not in types:
-                raise ConfigError(f"unknown run-config key {key!r}; valid: "
-                                  f"{', '.join(sorted(n.replace('_', '-') for n in types))}")
-            data[name] = types[name](value) if types[name] in (int, float) else value
-        return cls(**data)
+        the option's type (TOML writes lr = 1 as an int)."""
+        return cls.from_dict({key.replace("-", "_"): value for key, value in run_config.items()},
+                             what="run-config key", spell=lambda k: k.replace("_", "-"))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict[str, Any], what: str = "config key", spell=lambda k: k) -> "RunConfig":
+        types = option_types()
+        unknown = sorted(set(data) - set(types))
         if unknown:
-            raise ConfigError(f"unknown config keys {unknown}; valid: {sorted(known)}")
-        return cls(**data)
+            raise ConfigError(f"unknown {what} {spell(unknown[0])!r}; valid: "
+                              f"{', '.join(sorted(spell(k) for k in types))}")
+        return cls(**{k: types[k](v) if types[k] in (int, float) and isinstance(v, (int, float))
+                      and not isinstance(v, bool) else v for k, v in data.items()})
+
+
+CORE = tuple(f.name for f in fields(RunConfig) if f.name != "options")
+
+
+def option_types() -> dict[str, type]:
+    """Every key a RunConfig takes, core fields and installed plugins' options, with its type."""
+    hints = get_type_hints(RunConfig)
+    return {**{name: hints[name] for name in CORE}, **{k: d.option.kind for k, d in declared().items()}}
 
 
 def _choice(name: str, value: str, valid, where: str = "") -> None:
@@ -277,3 +290,9 @@ def _positive(cfg: RunConfig, *names: str) -> None:
         value = getattr(cfg, name)
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def _finite(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        if not math.isfinite(getattr(cfg, name)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(cfg, name)}")

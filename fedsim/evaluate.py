@@ -145,6 +145,8 @@ def embedding_similarity(task, params, recovered: torch.Tensor, true_images: tor
     images share (raw CLIP embeddings of unrelated images are far from orthogonal)."""
     true = task.embeddings(params, true_images.to(task.device)).float().cpu()
     recovered = recovered.float().cpu()
-    cos = torch.nn.functional.cosine_similarity
+    def cos(a, b, dim):  # clamped: float rounding can put the cosine of equal vectors just above 1
+        return torch.nn.functional.cosine_similarity(a, b, dim=dim).clamp(-1, 1)
+
     return {"emb_cos": float(cos(recovered, true, dim=-1).mean()),
             "emb_cos_centred": float(cos(recovered - centre, true - centre, dim=-1).mean())}

@@ -25,12 +25,12 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedsim.config import ConfigError, RunConfig
-from fedsim.data import federated_data
-from fedsim.models import build_task, derive_seed, model_spec, resolve_device
+from fedsim.harness import Setting
+from fedsim.models import resolve_device
 from fedsim.observation import Observation
 from fedsim.plugins import make_defense
+from fedsim.protocol import Protocol, observation
 from fedsim.secagg import fit_instructions, fit_reply, is_legacy_fit, serve_secure
-from fedsim.training import client_examples, local_steps, local_update
 
 UPDATE_KEY, METRICS_KEY, CLIENT_KEY = "arrays", "metrics", "client"
 
@@ -44,38 +44,17 @@ def _in_ray_worker() -> bool:
 
 
 @lru_cache(maxsize=2)
-def _client_state(cfg_json: str):
-    """Data, model and defense, built once per worker process and reused across clients."""
+def _client_setting(cfg_json: str) -> Setting:
+    """The client's data, model and defense, built once per worker process and reused across clients."""
     cfg = RunConfig.from_dict(json.loads(cfg_json))
     if _in_ray_worker():
         torch.set_num_threads(1)  # one Ray CPU per client actor: do not oversubscribe the cores
-    data = federated_data(cfg)
-    device = resolve_device("cpu" if cfg.device == "cpu" else "auto")
-    return cfg, data, build_task(model_spec(cfg, data.private.class_names), device), make_defense(cfg)
+    return Setting(cfg, resolve_device("cpu" if cfg.device == "cpu" else "auto"))
 
 
 def client_update(cfg_json: str, client: int, round_: int, params: dict[str, torch.Tensor]):
     """One client's round: its (defended) update and the number of examples behind it."""
-    cfg, data, task, defense = _client_state(cfg_json)
-    images, labels = client_examples(cfg, data, round_, client)
-    params = {n: p.to(task.device) for n, p in params.items()}
-    generator = torch.Generator().manual_seed(derive_seed(cfg.seed, round_, client, "defense"))
-    update = local_update(cfg, task, defense, images.to(task.device), labels.to(task.device), params,
-                          generator, round_, client)
-    return {n: g.detach().cpu() for n, g in update.items()}, len(labels)
-
-
-def as_weights(cfg: RunConfig, update: dict[str, torch.Tensor], params: dict[str, torch.Tensor]):
-    """An update expressed as the weights it leads to, global + step (FedSGD's step is -lr * gradient),
-    the form Flower's DP mods expect a reply in."""
-    scale = -cfg.lr if cfg.protocol == "fedsgd" else 1.0
-    return {n: params[n] + scale * u for n, u in update.items()}
-
-
-def from_weights(cfg: RunConfig, weights: dict[str, torch.Tensor], params: dict[str, torch.Tensor]):
-    """The inverse of `as_weights`."""
-    scale = -1.0 / cfg.lr if cfg.protocol == "fedsgd" else 1.0
-    return {n: (w - params[n]) * scale for n, w in weights.items()}
+    return _client_setting(cfg_json).client_update(round_, client, params)
 
 
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
@@ -105,7 +84,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         if legacy:
             return fit_reply(msg, update, n, client, time.perf_counter() - start)
         if defense.replies_with_weights:
-            update = as_weights(run_cfg, update, params)
+            update = Protocol.of(run_cfg).as_weights(update, params)
         reply = RecordDict({
             UPDATE_KEY: ArrayRecord(update),
             METRICS_KEY: MetricRecord({"num-examples": n, "train-seconds": time.perf_counter() - start}),
@@ -140,12 +119,11 @@ class CuriousFedAvg(FedAvg):
 
     def __init__(self, cfg: RunConfig, spec: dict, listener: Listener, **kwargs):
         super().__init__(**kwargs)
-        self.cfg = cfg
+        self.protocol = Protocol.of(cfg)
         self.spec = spec
         self.listener = listener
         self._global: dict[str, torch.Tensor] = {}
-        defense = make_defense(cfg)
-        self.replies_with_weights = defense.replies_with_weights
+        self.replies_with_weights = make_defense(cfg).replies_with_weights
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -166,46 +144,15 @@ class CuriousFedAvg(FedAvg):
             return None, metrics
         if self.replies_with_weights:  # the average of the replies is already the new global model
             return mean_grad, metrics
-        mean = mean_grad.to_torch_state_dict()
-        scale = -self.cfg.lr if self.cfg.protocol == "fedsgd" else 1.0
-        new = {n: p + scale * mean[n].to(p.dtype) for n, p in self._global.items()}
-        return ArrayRecord(new), metrics
+        return ArrayRecord(self.protocol.next_weights(self._global, mean_grad.to_torch_state_dict())), metrics
 
     def observe(self, server_round: int, msg: Message) -> Observation:
         content = msg.content
-        n = int(content[METRICS_KEY]["num-examples"])
-        fedsgd = self.cfg.protocol == "fedsgd"
         update = content[UPDATE_KEY].to_torch_state_dict()
         if self.replies_with_weights:
-            update = from_weights(self.cfg, update, self._global)
-        return Observation(
-            round=server_round,
-            client=int(content[CLIENT_KEY]["client-id"]),
-            kind="gradient" if fedsgd else "delta",
-            update=update,
-            global_params={name: p.clone() for name, p in self._global.items()},
-            batch_size=n,
-            lr=self.cfg.lr,
-            local_steps=1 if fedsgd else local_steps(self.cfg, n),
-            model_spec=self.spec,
-        )
-
-
-def aggregate(observations: list[Observation]) -> Observation:
-    """What secure aggregation leaves the server: the example-weighted average of the updates,
-    as one observation of all the clients' examples together (client -1; `clients` names them).
-    Formed from plain observations, offline (experiments/defense_tradeoff.py); a run under
-    `--defense secagg` gets it from Flower's SecAgg+ (fedsim.secagg)."""
-    first, total = observations[0], sum(o.batch_size for o in observations)
-    update = {n: sum(o.update[n] * (o.batch_size / total) for o in observations) for n in first.update}
-    return Observation(round=first.round, client=-1, kind=first.kind, update=update,
-                       global_params=first.global_params, batch_size=total, lr=first.lr,
-                       local_steps=first.local_steps, model_spec=first.model_spec,
-                       clients=tuple(o.client for o in observations))
-
-
-def clients_per_round(cfg: RunConfig) -> int:
-    return max(1, int(cfg.clients * cfg.fraction))
+            update = self.protocol.from_weights(update, self._global)
+        return observation(self.protocol, server_round, int(content[CLIENT_KEY]["client-id"]), update,
+                           self._global, int(content[METRICS_KEY]["num-examples"]), self.spec)
 
 
 def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener: Listener,
@@ -226,18 +173,26 @@ def serve(grid: Grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: di
     """The curious FedAvg strategy's rounds over the nodes of `grid`; under secure aggregation,
     Flower's SecAgg+ workflow with the legacy-API curious strategy (fedsim.secagg)."""
     defense = make_defense(cfg)
-    workflow = defense.fit_workflow(cfg)
+    workflow = defense.fit_workflow(max_examples(cfg))
     if workflow is not None:
         serve_secure(grid, cfg, initial, spec, listener, workflow, evaluate_fn, fraction=cfg.fraction,
-                     clients_per_round=clients_per_round(cfg))
+                     clients_per_round=Protocol.of(cfg).sampled_clients)
         return
     strategy = defense.wrap_strategy(CuriousFedAvg(
         cfg=cfg, spec=spec, listener=listener,
         fraction_train=cfg.fraction, fraction_evaluate=0.0,
-        min_train_nodes=clients_per_round(cfg), min_available_nodes=cfg.clients,
+        min_train_nodes=Protocol.of(cfg).sampled_clients, min_available_nodes=cfg.clients,
     ))
     strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
                    evaluate_fn=evaluate_fn)
+
+
+def max_examples(cfg: RunConfig) -> int:
+    """The most examples behind one client's update (SecAgg+'s `max_weight`): the batch, or with
+    local epochs the largest client's data (FedAvg's example counts travel in the clear)."""
+    if Protocol.of(cfg).uses_epochs:
+        return max(len(idx) for idx in Setting(cfg).data.client_indices)
+    return cfg.batch_size
 
 
 def quiet_flower(verbose: bool) -> None:

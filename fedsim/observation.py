@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
-Params = dict[str, torch.Tensor]
-UPDATE_KINDS = ("gradient", "delta")
-FORMAT_VERSION = 1
+from fedsim.protocol import UPDATE_KINDS, Params, pseudo_gradient
+FORMAT_VERSION = 2  # 2: model_spec's model_seed is the model's own seed, not one derived from the data seed
 
 
 @dataclass
@@ -43,10 +42,7 @@ class Observation:
     def gradient(self) -> Params:
         """The update as a gradient. A weight delta of `local_steps` plain-SGD steps becomes
         the pseudo-gradient -delta / (lr * local_steps); exact for one step."""
-        if self.kind == "gradient":
-            return self.update
-        scale = -1.0 / (self.lr * self.local_steps)
-        return {n: d * scale for n, d in self.update.items()}
+        return pseudo_gradient(self.kind, self.update, self.lr, self.local_steps)
 
     def save(self, path: str | Path) -> None:
         torch.save({"format": FORMAT_VERSION, "meta": self.meta(),

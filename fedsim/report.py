@@ -70,3 +70,24 @@ def summary_table(results: pd.DataFrame) -> Table:
 
 def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value)
+
+
+def print_result(console, result) -> None:
+    """A run's closing summary on the terminal: the results table, global accuracy, privacy spent,
+    where the time went, and where the files are (a fedsim.runner.RunResult)."""
+    results, metrics, timings, cfg = result.results, result.metrics, result.timings, result.config
+    if len(results):
+        console.print(summary_table(results))
+    if len(metrics):
+        console.print(f"global accuracy on the held-out public split: {metrics['accuracy'].iloc[0]:.1%} before "
+                      f"round 1, {metrics['accuracy'].iloc[-1]:.1%} after round {int(metrics['round'].iloc[-1])}")
+        for column, unit in (("epsilon", "example-level"), ("epsilon_client", "client-level")):
+            if column in metrics:
+                delta = metrics["delta"].iloc[-1] if "delta" in metrics else float("nan")
+                console.print(f"privacy spent: {unit} epsilon {metrics[column].iloc[-1]:.3g} at delta {delta:g}")
+    elif cfg.attack != "none":
+        console.print("[red]no client update was attacked: see the Flower log above[/]")
+    console.print(f"time: {timings['total_s']:.1f}s; waiting for clients (engine start-up + training) "
+                  f"{timings['waiting_for_clients_s']:.1f}s, of which client compute "
+                  f"{timings['client_compute_s']:.1f}s summed over clients; attacks {timings['attacks_s']:.1f}s")
+    console.print(f"results in [bold]{result.out}[/]")

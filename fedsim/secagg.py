@@ -31,8 +31,7 @@ from flwr.server.strategy import FedAvg as LegacyFedAvg
 from flwr.server.workflow import DefaultWorkflow
 
 from fedsim.config import RunConfig
-from fedsim.observation import Observation
-from fedsim.training import local_steps
+from fedsim.protocol import Protocol, observation
 
 FITINS_KEY = "fitins.parameters"  # where a legacy FitIns keeps the global parameters
 ROUND_KEY, NAMES_KEY = "server-round", "param-names"
@@ -70,7 +69,7 @@ class CuriousLegacyFedAvg(LegacyFedAvg):
     def __init__(self, cfg: RunConfig, spec: dict, listener, initial: dict[str, torch.Tensor],
                  evaluate_fn=None, **kwargs):
         super().__init__(**kwargs)
-        self.cfg, self.spec, self.listener, self.evaluate_fn = cfg, spec, listener, evaluate_fn
+        self.protocol, self.spec, self.listener, self.evaluate_fn = Protocol.of(cfg), spec, listener, evaluate_fn
         self.names = list(initial)
         self.initial = initial
         self._global: dict[str, torch.Tensor] = {}
@@ -97,33 +96,18 @@ class CuriousLegacyFedAvg(LegacyFedAvg):
         if not results:  # every client failed: keep the global model
             return None, {}
         mean = self.named(results[0][1].parameters)  # SecAgg+ wrote the unmasked average into every FitRes
-        fedsgd = self.cfg.protocol == "fedsgd"
-        self.listener(Observation(
-            round=server_round, client=-1, kind="gradient" if fedsgd else "delta", update=mean,
-            global_params={n: p.clone() for n, p in self._global.items()},
-            batch_size=sum(r.num_examples for _, r in results), lr=self.cfg.lr,
-            local_steps=1 if fedsgd else local_steps(self.cfg, results[0][1].num_examples),
-            model_spec=self.spec, clients=tuple(int(r.metrics["client-id"]) for _, r in results)))
-        scale = -self.cfg.lr if fedsgd else 1.0
-        new = [(self._global[n] + scale * mean[n]).numpy() for n in self.names]
-        return ndarrays_to_parameters(new), {}
+        self.listener(observation(self.protocol, server_round, -1, mean, self._global,
+                                  sum(r.num_examples for _, r in results), self.spec,
+                                  clients=tuple(int(r.metrics["client-id"]) for _, r in results),
+                                  steps_examples=results[0][1].num_examples))
+        new = self.protocol.next_weights(self._global, mean)
+        return ndarrays_to_parameters([new[n].numpy() for n in self.names]), {}
 
     def evaluate(self, server_round, parameters):
         if self.evaluate_fn is None:
             return None
         metrics = self.evaluate_fn(server_round, ArrayRecord(self.named(parameters)))
         return float(metrics["loss"]), {"accuracy": float(metrics["accuracy"])}
-
-
-def max_examples(cfg: RunConfig) -> int:
-    """The most examples behind one client's update: SecAgg+'s `max_weight`. The workflow weights
-    each update by examples / max_weight before quantising, so a tight bound keeps the
-    quantisation step on the update at 2 * clip / quantisation_range."""
-    if cfg.protocol == "fedavg" and cfg.local_epochs > 0:
-        from fedsim.data import federated_data
-
-        return max(len(idx) for idx in federated_data(cfg).client_indices)
-    return cfg.batch_size
 
 
 def serve_secure(grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener, workflow,

@@ -32,16 +32,17 @@ import json
 import os
 import time
 import traceback
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any
 
 import pandas as pd
 import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import ConfigError, RunConfig, option_types
+from fedsim.options import declared
 
 GRID_KEYS = ("base", "grid", "trials", "report")
 SWEEP_OWNED = ("out", "overwrite", "engine")  # set by the sweep for every trial
@@ -66,7 +67,7 @@ class Grid:
 # ---------------------------------------------------------------- the grid file
 
 
-def load_grid(path: Path, attacks: list[str] | None = None, defenses: list[str] | None = None) -> Grid:
+def load_grid(path: Path) -> Grid:
     """Parse and check a grid file; every trial's config is validated before any trial runs."""
     path = Path(path)
     if not path.is_file():
@@ -77,15 +78,10 @@ def load_grid(path: Path, attacks: list[str] | None = None, defenses: list[str] 
         raise ConfigError(f"grid file {path} is not valid YAML: {exc}") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"grid file {path} must be a mapping with keys {', '.join(GRID_KEYS)}")
-    return parse_grid(spec, attacks, defenses, source=str(path))
+    return parse_grid(spec, source=str(path))
 
 
-def parse_grid(spec: dict, attacks: list[str] | None = None, defenses: list[str] | None = None,
-               source: str = "grid") -> Grid:
-    if attacks is None or defenses is None:
-        from fedsim.plugins import attack_names, defense_names
-
-        attacks, defenses = attack_names(), defense_names()
+def parse_grid(spec: dict, source: str = "grid") -> Grid:
     unknown = sorted(set(spec) - set(GRID_KEYS))
     if unknown:
         raise ConfigError(f"{source}: unknown top-level keys {unknown}; valid: {', '.join(GRID_KEYS)}")
@@ -113,7 +109,7 @@ def parse_grid(spec: dict, attacks: list[str] | None = None, defenses: list[str]
             cfg = RunConfig(**{**base, **entry, **point, "engine": "inprocess"})
             where = f"{source}: trial {_describe(entry, point)}"
             try:
-                cfg.validate(attacks, defenses)
+                cfg.validate(strict_options=False)  # the base's options need not apply to every trial
             except ConfigError as exc:
                 raise ConfigError(f"{where}: {exc}") from None
             tid = trial_id(cfg)
@@ -122,7 +118,7 @@ def parse_grid(spec: dict, attacks: list[str] | None = None, defenses: list[str]
             seen[tid] = _describe(entry, point)
             trials.append(Trial(tid, cfg))
     swept = [name for name in dict.fromkeys([*(k for e in entries for k in e), *grid])
-             if len({repr(getattr(t.config, name)) for t in trials}) > 1]
+             if len({repr(t.config.value(name)) for t in trials}) > 1]
     return Grid(trials, swept, _report_spec(spec.get("report") or {}, swept, source))
 
 
@@ -130,8 +126,8 @@ def _fields(values: Any, where: str) -> dict[str, Any]:
     """Check names against RunConfig's fields and values against their types."""
     if not isinstance(values, dict):
         raise ConfigError(f"{where} must be a mapping of field: value, got {values!r}")
-    types = get_type_hints(RunConfig)
-    valid = [f.name for f in fields(RunConfig) if f.name not in SWEEP_OWNED]
+    types = option_types()
+    valid = [name for name in types if name not in SWEEP_OWNED]
     for name, value in values.items():
         if name in SWEEP_OWNED:
             raise ConfigError(f"{where}: {name!r} is set by the sweep (trials run in OUT/trials/<id> with "
@@ -139,6 +135,8 @@ def _fields(values: Any, where: str) -> dict[str, Any]:
         if name not in types:
             raise ConfigError(f"{where}: unknown field {name!r}; valid: {', '.join(valid)}")
         want = types[name]
+        if value is None and name in declared() and declared()[name].option.default is None:
+            continue  # an unset plugin option (the attack's own default)
         ok = (isinstance(value, bool) if want is bool else
               isinstance(value, int) and not isinstance(value, bool) if want is int else
               isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
@@ -162,7 +160,7 @@ def _report_spec(report: Any, swept: list[str], source: str) -> dict[str, list[s
     spec.setdefault("rows", axes[:1] or ["attack"])
     spec.setdefault("columns", [a for a in axes if a not in spec["rows"]][:1])
     spec.setdefault("values", ["psnr", "label_acc"])
-    names = {f.name for f in fields(RunConfig)}
+    names = set(option_types())
     for name in spec["rows"] + spec["columns"]:
         if name not in names:
             raise ConfigError(f"{source}: report axis {name!r} is not a config field; "
@@ -197,11 +195,10 @@ def run_trial(config: dict, out: str, cpus: float) -> dict:
     start, started = time.perf_counter(), time.time()
     Path(out).mkdir(parents=True, exist_ok=True)
     with open(Path(out) / "log.txt", "w") as log:
-        run(cfg, console=Console(file=log, width=120, force_terminal=False))
+        result = run(cfg, console=Console(file=log, width=120, force_terminal=False))
     seconds = time.perf_counter() - start
-    rows = pd.read_csv(Path(out) / "results.csv").to_dict("records")
-    metrics = Path(out) / "metrics.csv"
-    accuracy = float(pd.read_csv(metrics)["accuracy"].iloc[-1]) if metrics.exists() else float("nan")
+    rows = result.results.to_dict("records")
+    accuracy = float(result.metrics["accuracy"].iloc[-1]) if len(result.metrics) else float("nan")
     return {"rows": rows, "seconds": seconds, "accuracy_final": accuracy, "span": (started, time.time())}
 
 

@@ -14,6 +14,7 @@ import torch
 
 from fedsim.config import RunConfig
 from fedsim.data import FederatedData
+from fedsim.protocol import Protocol
 from fedsim.task import Params, Task
 
 
@@ -24,35 +25,29 @@ def client_examples(cfg: RunConfig, data: FederatedData, round_: int, client: in
     return data.client_batch(cfg, round_, client)
 
 
-def _epoch_batches(cfg: RunConfig, n: int, round_: int, client: int):
-    for epoch in range(cfg.local_epochs):
-        order = np.random.default_rng([cfg.seed, round_, client, epoch]).permutation(n)
-        for start in range(0, n, cfg.batch_size):
-            yield torch.as_tensor(order[start:start + cfg.batch_size])
+def _epoch_batches(protocol: Protocol, n: int, shuffle: tuple[int, ...]):
+    for epoch in range(protocol.local_epochs):
+        order = np.random.default_rng([*shuffle, epoch]).permutation(n)
+        for start in range(0, n, protocol.batch_size):
+            yield torch.as_tensor(order[start:start + protocol.batch_size])
 
 
-def local_update(cfg: RunConfig, task: Task, defense, images: torch.Tensor, labels: torch.Tensor,
-                 params: Params, generator: torch.Generator, round_: int = 0, client: int = 0) -> Params:
-    """The update a client sends: a gradient (FedSGD) or a weight delta (FedAvg)."""
-    if cfg.protocol == "fedsgd":
+def local_update(protocol: Protocol, task: Task, defense, images: torch.Tensor, labels: torch.Tensor,
+                 params: Params, generator: torch.Generator, shuffle: tuple[int, ...] = (0, 0, 0)) -> Params:
+    """The update a client sends: a gradient (FedSGD) or a weight delta (FedAvg). `shuffle`
+    seeds the batch order of local epochs (the client's data seed, round and id)."""
+    if protocol.name == "fedsgd":
         return defense.transform_update(defense.gradient(task, params, images, labels, generator), generator)
-    if cfg.local_epochs > 0:
-        batches = list(_epoch_batches(cfg, len(labels), round_, client))
+    if protocol.uses_epochs:
+        batches = list(_epoch_batches(protocol, len(labels), shuffle))
     else:
-        batches = [torch.arange(len(labels))] * cfg.local_steps
+        batches = [torch.arange(len(labels))] * protocol.local_steps
     weights = {n: p.detach().clone() for n, p in params.items()}
     for idx in batches:
         grads = defense.gradient(task, weights, images[idx], labels[idx], generator)
-        weights = {n: w - cfg.lr * grads[n] for n, w in weights.items()}
+        weights = {n: w - protocol.lr * grads[n] for n, w in weights.items()}
     delta = {n: weights[n] - params[n] for n in params}
     return defense.transform_update(delta, generator)
-
-
-def local_steps(cfg: RunConfig, n_examples: int) -> int:
-    """SGD steps behind a FedAvg update: public, since the server sets the training plan."""
-    if cfg.local_epochs > 0:
-        return cfg.local_epochs * -(-n_examples // cfg.batch_size)
-    return cfg.local_steps
 
 
 @torch.no_grad()

@@ -1,23 +1,28 @@
 import subprocess
 import sys
-from dataclasses import fields
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from fedsim.cli import app
-from fedsim.config import RunConfig
+from fedsim.config import CORE, RunConfig
 
 runner = CliRunner()
 
 
-def test_run_help_lists_every_option_with_its_default():
+def test_run_help_lists_every_option_with_its_default_grouped_by_concern():
+    from fedsim.options import declared
+
     result = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
-    for f in fields(RunConfig):
-        assert f"--{f.name.replace('_', '-')}" in result.output
+    for name in [*CORE, *declared()]:
+        assert f"--{name.replace('_', '-')}" in result.output
     assert "default: 10" in result.output and "dlg" in result.output
+    panels = ["data", "model", "federation", "attack", "attack: every attack", "attack: mip", "defense",
+              "defense: dp", "defense: dp-update, flower-dp", "run"]
+    positions = [result.output.index(f"─ {panel} ─") for panel in panels]
+    assert positions == sorted(positions)  # grouped by concern, in this order
 
 
 @pytest.mark.parametrize("args,message", [

@@ -11,7 +11,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fedsim.cli import app
-from fedsim.config import DATASETS, ConfigError, RunConfig
+from fedsim.config import ConfigError, RunConfig
 from fedsim.data import federated_data, load_dataset, partition_dirichlet, partition_iid, partition_shard
 from fedsim.datasets import SOURCES
 from fedsim.datasets.embedded import load_photos
@@ -25,8 +25,11 @@ def _is_word(name: str) -> bool:
     return name.replace(" ", "").isalpha()
 
 
-def test_every_configured_dataset_has_a_loader():
-    assert set(DATASETS) == set(SOURCES)
+def test_the_dataset_option_takes_exactly_the_loaders():
+    for name in SOURCES:
+        RunConfig(dataset=name, data_root="/tmp").validate_data()
+    with pytest.raises(ConfigError, match="valid: " + ", ".join(SOURCES)):
+        RunConfig(dataset="svhn").validate_data()
 
 
 @pytest.mark.parametrize("name", EMBEDDED)

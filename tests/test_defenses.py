@@ -6,14 +6,15 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
-from defenses.accounting import Accounting, epsilon
-from defenses.base import Chain, update_norm
+from defenses.base import update_norm
+from fedsim.accounting import Accounting, epsilon
+from fedsim.api import Chain
 from defenses.dp import DPSGD
 from defenses.soteria import Soteria, representation_layer
 from defenses.update import Prune, Quantize, UpdateDP
 from fedsim.config import ConfigError, RunConfig
-from fedsim.flower import as_weights, from_weights
-from fedsim.plugins import attack_names, defense_names, make_defense
+from fedsim.protocol import Protocol
+from fedsim.plugins import make_defense
 from fedsim.training import local_update
 
 
@@ -82,37 +83,37 @@ def test_stochastic_quantisation_is_unbiased_and_deterministic_is_not():
 
 
 def test_epsilon_grows_with_rounds_and_shrinks_with_sigma():
-    acc = [Accounting(rounds=r, delta=1e-5, sample_rate=0.05, steps_per_round=1, same_batch=True)
-           for r in (1, 10, 100)]
-    eps = [a.example_epsilon(1.0) for a in acc]
+    acc = [Accounting(rounds=r, sample_rate=0.05, steps_per_round=1, same_batch=True) for r in (1, 10, 100)]
+    eps = [a.example_epsilon(1.0, 1e-5) for a in acc]
     assert eps[0] < eps[1] < eps[2]
-    by_sigma = [acc[1].example_epsilon(s) for s in (0.7, 1.0, 2.0, 4.0)]
+    by_sigma = [acc[1].example_epsilon(s, 1e-5) for s in (0.7, 1.0, 2.0, 4.0)]
     assert all(a > b for a, b in zip(by_sigma, by_sigma[1:]))
-    assert acc[1].example_epsilon(0.0) == math.inf and acc[0].client_epsilon(1.0) > 0
-    assert Accounting(0, 1e-5, 0.05, 1, True).example_epsilon(1.0) == 0.0
+    assert acc[1].example_epsilon(0.0, 1e-5) == math.inf and acc[0].client_epsilon(1.0, 1e-5) > 0
+    assert Accounting(0, 0.05, 1, True).example_epsilon(1.0, 1e-5) == 0.0
 
 
 def test_epsilon_is_opacus_rdp_accountant():
-    cfg = RunConfig(batch_size=4, dp_noise=1.3, dp_delta=1e-4)
-    a = Accounting.from_config(cfg, client_sizes=[120, 80, 200], rounds=30)
+    cfg = RunConfig(batch_size=4, defense="dp", dp_noise=1.3, dp_delta=1e-4)
+    a = Accounting.of(Protocol.of(cfg), client_sizes=[120, 80, 200], rounds=30)
     assert a.sample_rate == 4 / 80  # the smallest client is the worst case
     direct = RDPAccountant()
     for _ in range(30):
         direct.step(noise_multiplier=1.3, sample_rate=4 / 80)
-    assert a.example_epsilon(1.3) == pytest.approx(direct.get_epsilon(1e-4), rel=1e-9)
+    assert a.example_epsilon(1.3, 1e-4) == pytest.approx(direct.get_epsilon(1e-4), rel=1e-9)
+    assert make_defense(cfg).privacy(a) == {"epsilon": a.example_epsilon(1.3, 1e-4), "delta": 1e-4}
 
 
 def test_k_local_steps_on_one_batch_compose_to_one_gaussian_of_sigma_over_root_k():
     # without subsampling the identity is exact: k Gaussian steps of sigma = one of sigma/sqrt(k)
     cfg = RunConfig(protocol="fedavg", local_steps=4, batch_size=50)
-    a = Accounting.from_config(cfg, client_sizes=[50], rounds=5)
+    a = Accounting.of(Protocol.of(cfg), client_sizes=[50], rounds=5)
     assert (a.steps_per_round, a.same_batch, a.sample_rate) == (4, True, 1.0)
     direct = RDPAccountant()
     direct.history = [(1.0, 1.0, 20)]
-    assert a.example_epsilon(1.0) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-6)
-    epochs = Accounting.from_config(RunConfig(protocol="fedavg", local_epochs=2, batch_size=8), [30], rounds=3)
+    assert a.example_epsilon(1.0, 1e-5) == pytest.approx(direct.get_epsilon(1e-5), rel=1e-6)
+    epochs = Accounting.of(Protocol.of(RunConfig(protocol="fedavg", local_epochs=2, batch_size=8)), [30], rounds=3)
     assert (epochs.steps_per_round, epochs.same_batch) == (8, False)
-    assert epochs.example_epsilon(1.0) == pytest.approx(epsilon(1.0, 8 / 30, 24, 1e-5))
+    assert epochs.example_epsilon(1.0, 1e-5) == pytest.approx(epsilon(1.0, 8 / 30, 24, 1e-5))
 
 
 def test_chain_applies_in_the_listed_order():
@@ -147,17 +148,18 @@ def test_make_defense_builds_the_configured_chain():
 ])
 def test_bad_chains_are_refused_naming_the_value_and_the_valid_ones(defense, message):
     with pytest.raises(ConfigError) as err:
-        RunConfig(defense=defense).validate(attack_names(), defense_names())
+        RunConfig(defense=defense).validate()
     assert message in str(err.value)
     if "not valid" in message:
         assert "dp-update" in str(err.value) and "soteria" in str(err.value)
 
 
-@pytest.mark.parametrize("field,value", [("prune_ratio", 1.0), ("quantize_bits", 0), ("dp_delta", 0.0),
-                                         ("quantize_mode", "random"), ("update_clip", 0.0)])
-def test_bad_defense_parameters_are_refused(field, value):
+@pytest.mark.parametrize("defense,field,value", [("prune", "prune_ratio", 1.0), ("quantize", "quantize_bits", 0),
+                                                 ("dp", "dp_delta", 0.0), ("quantize", "quantize_mode", "random"),
+                                                 ("dp-update", "update_clip", 0.0)])
+def test_bad_defense_parameters_are_refused(defense, field, value):
     with pytest.raises(ConfigError, match=field.replace("_", "-")):
-        RunConfig(**{field: value}).validate(attack_names(), defense_names())
+        RunConfig(defense=defense, **{field: value}).validate()
 
 
 @pytest.mark.parametrize("protocol", ["fedsgd", "fedavg"])
@@ -168,9 +170,10 @@ def test_every_defense_keeps_the_update_names_and_shapes(lenet_setup, defense, p
     cfg.protocol, cfg.defense, cfg.batch_size, cfg.local_steps = protocol, defense, 2, 2
     images, labels = data.client_batch(cfg, 1, 0)
     params = task.trainable()
-    plain = local_update(cfg, task, make_defense(RunConfig(protocol=protocol, local_steps=2)), images, labels,
-                         params, torch.Generator().manual_seed(0))
-    out = local_update(cfg, task, make_defense(cfg), images, labels, params, torch.Generator().manual_seed(0))
+    plain = local_update(Protocol.of(cfg), task, make_defense(RunConfig(protocol=protocol, local_steps=2)), images,
+                         labels, params, torch.Generator().manual_seed(0))
+    out = local_update(Protocol.of(cfg), task, make_defense(cfg), images, labels, params,
+                       torch.Generator().manual_seed(0))
     assert list(out) == list(plain)
     assert all(out[n].shape == plain[n].shape and out[n].dtype == plain[n].dtype for n in plain)
     assert all(torch.isfinite(out[n]).all() for n in out)
@@ -202,8 +205,8 @@ def test_soteria_refuses_a_model_without_a_representation_layer(clip_setup):
 def test_weights_round_trip_for_flower_mods():
     params, update = random_update(4), random_update(5)
     for protocol in ("fedsgd", "fedavg"):
-        cfg = RunConfig(protocol=protocol, lr=0.1)
-        back = from_weights(cfg, as_weights(cfg, update, params), params)
+        rule = Protocol(name=protocol, lr=0.1)
+        back = rule.from_weights(rule.as_weights(update, params), params)
         torch.testing.assert_close(back, update, rtol=1e-4, atol=1e-5)
 
 

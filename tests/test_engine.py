@@ -83,7 +83,7 @@ def test_inprocess_and_ray_engines_send_the_same_updates(tmp_path):
     outs = {}
     for engine in ("inprocess", "ray"):
         cfg = RunConfig(clients=2, attack_iters=1, engine=engine, out=str(tmp_path / engine))
-        outs[engine] = run(cfg)
+        outs[engine] = run(cfg).out
         assert sorted(pd.read_csv(outs[engine] / "results.csv")["client"]) == [0, 1]
     for client in (0, 1):
         a, b = (Observation.load(outs[e] / "observations" / f"round1_client{client}.pt") for e in outs)

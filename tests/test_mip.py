@@ -17,11 +17,14 @@ from attacks.label_search import (
     successive_halving,
 )
 from attacks.mip import MIP, route_of
-from defenses.base import Defense
+from fedsim.api import Defense
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data import federated_data
 from fedsim.models import build_task, model_spec
 from fedsim.observation import Observation
+from fedsim.knowledge import AttackerKnowledge
+from fedsim.plugins import make_attack
+from fedsim.protocol import Protocol
 from fedsim.training import local_update
 
 
@@ -34,8 +37,12 @@ def setup(peft, batch_size=1, **kw):
 
 def observe(cfg, spec, task, images, labels):
     params = task.trainable()
-    update = local_update(cfg, task, Defense(), images, labels, params, torch.Generator().manual_seed(0))
+    update = local_update(Protocol.of(cfg), task, Defense(), images, labels, params, torch.Generator().manual_seed(0))
     return Observation(1, 0, "gradient", update, params, len(labels), cfg.lr, 1, spec)
+
+
+def mip_attack(cfg):
+    return make_attack(cfg, AttackerKnowledge.of(cfg))
 
 
 def true_embeddings(task, images):
@@ -199,7 +206,7 @@ def test_mip_end_to_end_beats_the_mean_image_and_never_reads_private_data():
     cfg, data, spec, task = setup("adapter", attack="mip", attack_iters=5)
     x, y = data.private.images[5:6].clone(), data.private.labels[5:6].clone()
     obs = observe(cfg, spec, task, x, y)
-    attack = MIP.from_config(cfg)
+    attack = mip_attack(cfg)
     recon = attack.reconstruct(obs, task)
     assert recon.labels.tolist() == y.tolist() and recon.images.shape == x.shape
     mean_image = attack.public_images.mean(0, keepdim=True)
@@ -220,9 +227,9 @@ def test_mip_refuses_classic_models_and_label_strategies():
     cfg, data, spec, task = setup("full", model="lenet", attack="mip")
     obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
     with pytest.raises(ConfigError, match="needs a CLIP model"):
-        MIP.from_config(cfg).reconstruct(obs, task)
+        mip_attack(cfg).reconstruct(obs, task)
     with pytest.raises(ConfigError, match="does not apply to --attack mip"):
-        MIP.from_config(RunConfig(attack="mip", label_strategy="idlg"))
+        RunConfig(attack="mip", label_strategy="idlg").validate()
     with pytest.raises(ConfigError, match="valid: ridge, conv, tv"):
         MIP(prior="gan")
 
@@ -232,7 +239,7 @@ def test_mip_attacks_visual_prompts_over_public_blends(index):
     cfg, data, spec, task = setup("vpt", attack="mip", attack_iters=0)
     x, y = data.private.images[index:index + 1], data.private.labels[index:index + 1]
     obs = observe(cfg, spec, task, x, y)
-    attack = MIP.from_config(cfg)
+    attack = mip_attack(cfg)
     recon = attack.reconstruct(obs, task)
     assert recon.extras["route"] == "tower" and recon.extras["prior"] == "public-blend"
     assert recon.labels.tolist() == y.tolist()
@@ -282,7 +289,7 @@ def test_mip_attacks_lora_on_nn_multihead_attention():
     through the tower (here the TV prior's pixel route) falls back to plain autograd."""
     cfg, data, spec, task = setup("lora", pretrained="none", attack="mip", attack_iters=2, mip_prior="tv")
     obs = observe(cfg, spec, task, data.private.images[:1], data.private.labels[:1])
-    recon = MIP.from_config(cfg).reconstruct(obs, task)
+    recon = mip_attack(cfg).reconstruct(obs, task)
     assert recon.extras["route"] == "tower" and torch.isfinite(recon.images).all()
 
 
@@ -305,8 +312,8 @@ def test_text_adapter_gradient_gives_label_and_embedding_through_the_attack():
     cfg, data, spec, task = setup("text-adapter", attack="mip")
     x, y = data.private.images[968:969], data.private.labels[968:969]
     params = task.trainable()
-    update = local_update(cfg, task, Defense(), x, y, params, torch.Generator().manual_seed(92))
+    update = local_update(Protocol.of(cfg), task, Defense(), x, y, params, torch.Generator().manual_seed(92))
     obs = Observation(1, 92, "gradient", update, params, 1, cfg.lr, 1, spec)
-    labels, z, info = MIP.from_config(cfg).recover_embeddings(obs, task)
+    labels, z, info = mip_attack(cfg).recover_embeddings(obs, task)
     assert labels.tolist() == y.tolist() and info["relative_residual"] < 1e-4
     assert F.cosine_similarity(z, true_embeddings(task, x)).item() > 0.99

@@ -66,7 +66,7 @@ def test_lora_targets_mlp_and_text_tower():
 
 def test_lora_out_proj_is_refused_with_the_reason():
     with pytest.raises(ConfigError, match="target attn"):
-        RunConfig(peft="lora", lora_targets="out_proj").validate(["dlg", "mip"], ["dp"])
+        RunConfig(peft="lora", lora_targets="out_proj").validate()
 
 
 @pytest.mark.parametrize("model,params", [("lenet", 15_826), ("convnet", 175_178), ("resnet18", 11_181_642)])
@@ -91,4 +91,4 @@ def test_clip_at_another_resolution_resizes_inside():
 
 def test_unknown_model_lists_valid_ones():
     with pytest.raises(ConfigError, match="tiny-clip, lenet, convnet, resnet18, or an open_clip model"):
-        RunConfig(model="vit-h").validate(["dlg", "mip"], ["dp"])
+        RunConfig(model="vit-h").validate()

@@ -45,7 +45,7 @@ def test_a_local_checkpoint_file_is_loaded(tmp_path):
 
 def test_pretrained_is_checked_against_the_model():
     with pytest.raises(ConfigError, match="valid: none"):
-        RunConfig(model="lenet", peft="full", pretrained="openai").validate(["dlg", "mip"], ["dp"])
+        RunConfig(model="lenet", peft="full", pretrained="openai").validate()
 
 
 def test_the_shipped_pretrained_tiny_clip_separates_images():

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.config import ConfigError
+from fedsim.options import ConfigError
 from fedsim.datasets.base import ImageDataset, labels_tensor, resize, to_images
 from fedsim.datasets.embedded import DIGIT_NAMES
 

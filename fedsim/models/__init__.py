@@ -24,10 +24,10 @@ PEFT_OPTIONS = ("n_ctx", "coop_class_specific", "adapter_reduction", "adapter_ra
 
 def model_spec(cfg: RunConfig, class_names: tuple[str, ...]) -> dict[str, Any]:
     """The public description of a run's model: everything needed to rebuild it, and nothing
-    about the data (the init seed is derived one-way from the run seed)."""
+    about the data (the init seed is the model's own, independent of the data seed)."""
     return {"model": cfg.model, "pretrained": cfg.pretrained, "peft": cfg.peft,
             "image_size": cfg.image_size, "class_names": list(class_names),
-            "model_seed": derive_seed(cfg.seed, "model"),
+            "model_seed": cfg.model_seed,
             **{name: getattr(cfg, name) for name in PEFT_OPTIONS}}
 
 
@@ -35,7 +35,7 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
     """The model a spec describes; every client and the server build the same one."""
     names = list(spec["class_names"])
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec["model_seed"])
+        torch.manual_seed(derive_seed(spec["model_seed"], "model"))
         if spec["model"] in CLASSIC_MODELS:
             return build_classic(spec["model"], len(names), spec["image_size"]).eval()
         clip_name = TINY_CLIP if spec["model"] == "tiny-clip" else spec["model"]

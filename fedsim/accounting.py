@@ -27,35 +27,34 @@ from dataclasses import dataclass
 
 from opacus.accountants import RDPAccountant
 
+from fedsim.protocol import Protocol
+
 
 @dataclass(frozen=True)
 class Accounting:
-    """A run's protocol in the accountant's terms, after `rounds` rounds."""
+    """A run's protocol in the accountant's terms, after `rounds` rounds. Defenses ask it for
+    epsilon at their own delta (`Defense.privacy`)."""
 
     rounds: int
-    delta: float
     sample_rate: float  # B / n of the smallest client (capped at 1)
     steps_per_round: int  # local SGD steps a client takes in a round
     same_batch: bool  # every step of a round uses the round's one batch
 
     @classmethod
-    def from_config(cls, cfg, client_sizes, rounds: int) -> "Accounting":
+    def of(cls, protocol: Protocol, client_sizes, rounds: int) -> "Accounting":
         n = min(client_sizes)
-        epochs = cfg.protocol == "fedavg" and cfg.local_epochs > 0
-        steps = cfg.local_epochs * -(-n // cfg.batch_size) if epochs else (
-            cfg.local_steps if cfg.protocol == "fedavg" else 1)
-        return cls(rounds=rounds, delta=cfg.dp_delta, sample_rate=min(1.0, cfg.batch_size / n),
-                   steps_per_round=steps, same_batch=not epochs)
+        return cls(rounds=rounds, sample_rate=min(1.0, protocol.batch_size / n),
+                   steps_per_round=protocol.steps_behind(n), same_batch=not protocol.uses_epochs)
 
-    def example_epsilon(self, noise: float) -> float:
+    def example_epsilon(self, noise: float, delta: float) -> float:
         """Example-level epsilon of DP-SGD with noise multiplier `noise` (see the module docstring)."""
         if self.same_batch:
-            return epsilon(noise / math.sqrt(self.steps_per_round), self.sample_rate, self.rounds, self.delta)
-        return epsilon(noise, self.sample_rate, self.rounds * self.steps_per_round, self.delta)
+            return epsilon(noise / math.sqrt(self.steps_per_round), self.sample_rate, self.rounds, delta)
+        return epsilon(noise, self.sample_rate, self.rounds * self.steps_per_round, delta)
 
-    def client_epsilon(self, noise: float) -> float:
+    def client_epsilon(self, noise: float, delta: float) -> float:
         """Client-level epsilon of one clipped, noised update per round."""
-        return epsilon(noise, 1.0, self.rounds, self.delta)
+        return epsilon(noise, 1.0, self.rounds, delta)
 
 
 def epsilon(noise: float, sample_rate: float, steps: int, delta: float) -> float:

@@ -1,8 +1,12 @@
-"""Defenses that live in Flower's protocol rather than in the client's computation."""
+"""Flower-native defenses: Flower's own DP wrapper and mods, and Flower's SecAgg+. They live in
+Flower's protocol rather than in the client's computation."""
 
 from __future__ import annotations
 
-from defenses.base import Defense
+from defenses.dp import DELTA
+from defenses.update import UPDATE_CLIP, UPDATE_NOISE
+from fedsim.api import ConfigError, Defense, Protocol
+from fedsim.options import Option, above
 
 
 class FlowerDP(Defense):
@@ -22,18 +26,17 @@ class FlowerDP(Defense):
     """
 
     name = "flower-dp"
+    options = (UPDATE_CLIP, UPDATE_NOISE, DELTA)
     replies_with_weights = True
 
-    def __init__(self, clip: float = 1.0, noise: float = 1.0, sampled_clients: int = 1):
-        if clip <= 0 or noise < 0:
+    def __init__(self, clip: float = 1.0, noise: float = 1.0, delta: float = 1e-5, sampled_clients: int = 1):
+        if not clip > 0 or not noise >= 0:
             raise ValueError(f"flower-dp needs clip > 0 and noise >= 0, got clip={clip}, noise={noise}")
-        self.clip, self.noise, self.sampled_clients = clip, noise, sampled_clients
+        self.clip, self.noise, self.delta, self.sampled_clients = clip, noise, delta, sampled_clients
 
     @classmethod
-    def from_config(cls, cfg) -> "FlowerDP":
-        from fedsim.flower import clients_per_round
-
-        return cls(clip=cfg.update_clip, noise=cfg.update_noise, sampled_clients=clients_per_round(cfg))
+    def from_options(cls, options, protocol: Protocol) -> "FlowerDP":
+        return cls(**options, sampled_clients=protocol.sampled_clients)
 
     def client_mods(self) -> list:
         from flwr.clientapp.mod import fixedclipping_mod
@@ -48,7 +51,7 @@ class FlowerDP(Defense):
                                                           num_sampled_clients=self.sampled_clients)
 
     def privacy(self, accounting) -> dict[str, float]:
-        return {"epsilon_client": accounting.client_epsilon(self.noise)}
+        return {"epsilon_client": accounting.client_epsilon(self.noise, self.delta), "delta": self.delta}
 
 
 class SecureAggregation(Defense):
@@ -75,15 +78,33 @@ class SecureAggregation(Defense):
     """
 
     name = "secagg"
+    options = (Option("shares", 3, "SecAgg+ neighbours each client secret-shares its keys with (>= 3; 1 = every "
+                      "sampled client, as in the original SecAgg)", check=lambda s: s == 1 or s >= 3,
+                      valid="1 (every sampled client) or >= 3"),
+               Option("threshold", 2, "shares needed to rebuild a client's secret (2 <= threshold < shares; "
+                      "1 = all of them)", check=lambda t: t >= 1, valid=">= 1"),
+               Option("clip", 8.0, "SecAgg+ clips each update entry to [-clip, clip] before quantising it to "
+                      "2^22 levels", **above(0)))
     aggregate_only = True
 
     def __init__(self, shares: int = 3, threshold: int = 2, clip: float = 8.0):
         self.shares, self.threshold, self.clip = shares, threshold, clip
         self.workflow(max_weight=1)  # Flower's own checks of the parameters, before any work
 
-    @classmethod
-    def from_config(cls, cfg) -> "SecureAggregation":
-        return cls(shares=cfg.secagg_shares, threshold=cfg.secagg_threshold, clip=cfg.secagg_clip)
+    def check_chain(self, chain: list[str], protocol: Protocol) -> None:
+        """SecAgg+'s own constraints (Flower's SecAggPlusWorkflow), checked before any work."""
+        if "flower-dp" in chain:
+            raise ConfigError("--defense secagg cannot be chained with flower-dp: Flower's SecAgg+ runs on its "
+                              "legacy strategy API, its fixed-clipping DP wrapper here on the Message API")
+        sampled = protocol.sampled_clients
+        if sampled < 2:
+            raise ConfigError(f"--defense secagg needs at least 2 clients per round (--clients x --fraction), "
+                              f"got {sampled}")
+        neighbours = sampled if self.shares == 1 else min(self.shares, sampled)
+        if not (self.threshold == 1 or 2 <= self.threshold <= neighbours) or (
+                self.shares >= 3 and self.threshold >= self.shares):
+            raise ConfigError(f"--secagg-threshold must be 1 (all shares) or in 2..{neighbours} and below "
+                              f"--secagg-shares {self.shares}, got {self.threshold}")
 
     def client_mods(self) -> list:
         from flwr.client.mod import secaggplus_mod
@@ -102,7 +123,6 @@ class SecureAggregation(Defense):
                              f"--secagg-clip {self.clip}: {exc} (valid: shares 1 = every sampled client "
                              "or >= 3; threshold 1 = all shares or 2 <= threshold < shares; clip > 0)") from exc
 
-    def fit_workflow(self, cfg):
-        from fedsim.secagg import max_examples
+    def fit_workflow(self, max_examples: int):
+        return self.workflow(max_examples)
 
-        return self.workflow(max_examples(cfg))
