@@ -90,4 +90,5 @@ def print_result(console, result) -> None:
     console.print(f"time: {timings['total_s']:.1f}s; waiting for clients (engine start-up + training) "
                   f"{timings['waiting_for_clients_s']:.1f}s, of which client compute "
                   f"{timings['client_compute_s']:.1f}s summed over clients; attacks {timings['attacks_s']:.1f}s")
-    console.print(f"results in [bold]{result.out}[/]")
+    console.print(f"results in [bold]{result.out}[/]" + (f"; open [bold]{result.report}[/] in a browser"
+                                                         if result.report else ""))

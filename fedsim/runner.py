@@ -29,8 +29,10 @@ from fedsim.flower import make_client_app, make_server_app, quiet_flower, serve
 from fedsim.harness import Setting, Truth
 from fedsim.models import resolve_device
 from fedsim.observation import Observation
+from fedsim.pages import write_run_page
 from fedsim.report import ResultsWriter, save_grid
 from fedsim.training import accuracy
+COMBINED_CLIENTS = 32  # clients of the last round in reconstructions.png
 CLIENT_GPU_SHARE = 0.25  # each client actor takes a quarter GPU: four train at once per GPU
 
 
@@ -51,16 +53,21 @@ class Timings:
 
 
 class RunProgress:
-    """The run's progress bars: client updates seen (trained and attacked) and the attack's
-    iterations on the current one."""
+    """The run's progress bars: client updates received (and attacked), with what the run is
+    doing now, and the attack's iterations on the current update."""
 
-    def __init__(self, progress: Progress, total_updates: int):
+    def __init__(self, progress: Progress, total_updates: int, attacking: bool):
         self.progress = progress
-        self.bar = progress.add_task("clients training", total=total_updates)
+        self.counted = "updates attacked" if attacking else "updates received"
+        self.bar = progress.add_task(self.counted, total=total_updates)
         self.iter_bar = progress.add_task("attack iterations", total=1, visible=False)
 
-    def say(self, description: str) -> None:
-        self.progress.update(self.bar, description=description)
+    def say(self, doing: str) -> None:
+        """What the run is doing now, next to what the bar counts."""
+        self.progress.update(self.bar, description=f"{self.counted} ({doing})")
+
+    def finish(self) -> None:
+        self.progress.update(self.bar, description=f"{self.counted}: done")
 
     def attack_iterations(self, done: int, total: int) -> None:
         self.progress.update(self.iter_bar, completed=done, total=total, visible=True)
@@ -83,6 +90,7 @@ class Recorder:
         self.results = ResultsWriter(out / "results.csv")
         self.metrics_path = out / "metrics.csv"
         self.metrics_path.unlink(missing_ok=True)  # rows are appended per round: start afresh on --overwrite
+        self._last_round, self._last = 0, []  # the last round's (client, grid rows), for reconstructions.png
 
     @staticmethod
     def tag(obs: Observation) -> str:
@@ -92,8 +100,22 @@ class Recorder:
         obs.save(self.out / "observations" / f"{self.tag(obs)}.pt")
 
     def reconstruction(self, obs: Observation, recon, order, truth: Truth) -> None:
-        save_grid(self.out / "reconstructions" / f"{self.tag(obs)}.png",
-                  [(truth.images, truth.labels), (recon.images[order], recon.labels[order])], self.class_names)
+        rows = [(truth.images, truth.labels), (recon.images[order], recon.labels[order])]
+        save_grid(self.out / "reconstructions" / f"{self.tag(obs)}.png", rows, self.class_names)
+        if obs.round > self._last_round:
+            self._last_round, self._last = obs.round, []
+        if len(self._last) < COMBINED_CLIENTS:
+            self._last.append((obs.client, rows))
+
+    def combined(self) -> None:
+        """reconstructions.png: every client of the last round (up to COMBINED_CLIENTS), true
+        images above their reconstructions, in one picture to paste."""
+        if not self._last:
+            return
+        parts = [rows for _, rows in sorted(self._last, key=lambda item: item[0])]
+        save_grid(self.out / "reconstructions.png",
+                  [tuple(torch.cat([rows[r][k] for rows in parts]) for k in (0, 1)) for r in (0, 1)],
+                  self.class_names)
 
     def failure(self, obs: Observation) -> None:
         with (self.out / "errors.log").open("a") as log:
@@ -132,6 +154,7 @@ class CuriousServer:
         held_out = self.setting.data.public_eval
         metrics = accuracy(task, params, held_out.images, held_out.labels)
         self.recorder.metrics({"round": server_round, **metrics, **self.privacy(server_round)})
+        self.progress.say(f"round {server_round}: global model evaluated")
         return MetricRecord(metrics)
 
     def privacy(self, rounds: int) -> dict[str, float]:
@@ -210,6 +233,7 @@ class RunResult:
     results: pd.DataFrame  # results.csv: a row per attacked update
     metrics: pd.DataFrame  # metrics.csv: global accuracy (and epsilon) per round
     timings: dict[str, float]
+    report: Path | None = None  # report.html
 
 
 def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False, grid=None) -> RunResult:
@@ -229,18 +253,21 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False, g
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=console, transient=False) as progress:
-        server = CuriousServer(setting, attack, Recorder(out, setting.knowledge.class_names),
-                               RunProgress(progress, cfg.rounds * setting.protocol.sampled_clients))
+        recorder = Recorder(out, setting.knowledge.class_names)
+        server = CuriousServer(setting, attack, recorder,
+                               RunProgress(progress, cfg.rounds * setting.protocol.sampled_clients, attack is not None))
         initial = {n: p.cpu() for n, p in setting.task.trainable().items()}
         if grid is not None:
             serve(grid, cfg, initial, setting.spec, server, server.evaluate_global)
         else:
             server_app = make_server_app(cfg, initial, setting.spec, server, server.evaluate_global)
             simulate(cfg, server_app, make_client_app(cfg))
+        server.progress.finish()
+    recorder.combined()
     timings = server.timings.as_dict()
     (out / "timings.json").write_text(json.dumps(timings, indent=2))
     metrics = pd.read_csv(out / "metrics.csv") if (out / "metrics.csv").exists() else pd.DataFrame()
-    return RunResult(cfg, out, pd.read_csv(out / "results.csv"), metrics, timings)
+    return RunResult(cfg, out, pd.read_csv(out / "results.csv"), metrics, timings, write_run_page(out))
 
 
 def simulate(cfg: RunConfig, server_app, client_app) -> None:

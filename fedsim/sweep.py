@@ -402,4 +402,7 @@ def report(grid: Grid, df: pd.DataFrame, out: Path, console: Console) -> dict[st
         ax.figure.tight_layout()
         ax.figure.savefig(out / f"pivot_{value}.png", dpi=100)
         plt.close(ax.figure)
+    from fedsim.pages import write_sweep_page
+
+    console.print(f"report: open [bold]{write_sweep_page(out)}[/] in a browser")
     return tables
