@@ -19,6 +19,8 @@ import jinja2
 import pandas as pd
 import yaml
 
+from fedsim.options import declared
+
 PAGE = "report.html"
 METRIC_COLUMNS = (("label_acc", "labels", "{:.0%}"), ("psnr", "PSNR dB", "{:.1f}"), ("ssim", "SSIM", "{:.3f}"),
                   ("lpips", "LPIPS", "{:.3f}"), ("ident_pixel", "identified", "{:.0%}"),
@@ -162,7 +164,9 @@ def sweep_context(out: Path) -> dict[str, Any]:
     for _, trial in trials.iterrows():
         tid = trial["trial_id"]
         link = out / "trials" / tid / PAGE
-        rows.append({"id": tid, "attack": trial.get("attack"), "defense": trial.get("defense"),
+        options = ", ".join(f"{key}={trial[key]:g}" if isinstance(trial[key], float) else f"{key}={trial[key]}"
+                            for key in declared() if key in trial and pd.notna(trial[key]))
+        rows.append({"id": tid, "attack": trial.get("attack"), "defense": trial.get("defense"), "options": options,
                      "peft": trial.get("peft"), "status": trial.get("trial_status"),
                      "psnr": fmt(per_trial["psnr"].get(tid) if tid in per_trial.index else None, "{:.1f}"),
                      "accuracy": fmt(trial.get("accuracy_final"), "{:.1%}"),

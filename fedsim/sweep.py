@@ -366,6 +366,10 @@ def pivots(df: pd.DataFrame, spec: dict[str, list[str]]) -> dict[str, pd.DataFra
     ok = df[df["trial_status"] == "ok"]
     if "status" in ok:
         ok = ok[ok["status"].isna() | (ok["status"] == "ok")]
+    # A trial whose plugins do not read an axis option has no value there (dp_noise under no
+    # defense): it gets a row of its own, "-", rather than being dropped from the pivot.
+    axes = [a for a in spec["rows"] + spec["columns"] if a in ok]
+    ok = ok.astype({a: object for a in axes}).fillna({a: "-" for a in axes})
     tables = {}
     for value in spec["values"]:
         if value not in ok or ok[value].isna().all():

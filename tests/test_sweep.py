@@ -121,7 +121,18 @@ def test_four_trial_sweep_on_two_local_cpus(tmp_path, local_ray):
     assert (tmp_path / "s" / "pivot_psnr.png").stat().st_size > 0
     for t in grid.trials:
         assert (tmp_path / "s" / "trials" / t.id / "results.csv").exists()
+        assert (tmp_path / "s" / "trials" / t.id / "report.html").exists()  # each trial's own page
+    assert "trials/" in (tmp_path / "s" / "report.html").read_text()  # the sweep's page links them
     assert sweep(grid, tmp_path / "s").ran == []  # all finished: nothing runs again
+
+
+def test_a_trial_whose_plugins_do_not_read_an_axis_option_keeps_its_row():
+    from fedsim.sweep import pivots
+
+    df = pd.DataFrame({"trial_status": "ok", "status": "ok", "defense": ["none", "dp", "dp"],
+                       "dp_noise": [None, 0.1, 1.0], "psnr": [20.0, 8.0, 4.0]})
+    table = pivots(df, {"rows": ["defense", "dp_noise"], "columns": [], "values": ["psnr"]})["psnr"]
+    assert table.loc[("none", "-"), "psnr"] == 20.0 and len(table) == 3
 
 
 @pytest.mark.slow
