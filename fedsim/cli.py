@@ -17,7 +17,7 @@ from fedsim.config import CORE, GROUPS, ConfigError, RunConfig
 
 app = typer.Typer(help="fedsim: federated-learning privacy testbed. A curious Flower server attacks "
                        "what clients send while fine-tuning CLIP; see what leaks.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False)
 console = Console()
 
 

@@ -85,14 +85,16 @@ def summary_rows(results: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 def shared_numbers(out: Path) -> tuple[int, dict[str, list[int]]] | None:
-    """(numbers in one client's update, shape of each tensor) from a saved observation."""
-    from fedsim.observation import Observation
+    """(numbers in one client's update, shape of each tensor) from a saved observation, of any
+    format version (read safely, tensors only); None when there is none or it cannot be read."""
+    import torch
 
     saved = sorted((out / "observations").glob("*.pt"))
-    if not saved:
+    try:
+        update = torch.load(saved[0], map_location="cpu", weights_only=True)["update"]
+        return sum(t.numel() for t in update.values()), {n: list(t.shape) for n, t in update.items()}
+    except (IndexError, KeyError, TypeError, RuntimeError, OSError, ValueError, AttributeError):
         return None
-    obs = Observation.load(saved[0])
-    return sum(t.numel() for t in obs.update.values()), {n: list(t.shape) for n, t in obs.update.items()}
 
 
 def accuracy_plot(metrics: pd.DataFrame) -> str | None:

@@ -103,3 +103,25 @@ def test_the_demo_page_tells_the_story(browser, tmp_path):
     assert errors == [] and requests == [] and all_images_decode(page)
     assert len(page.query_selector_all("#tradeoff tr")) == 1 + len(PANELS)
     assert "The trade-off" in page.inner_text("body")
+
+
+def test_fedsim_report_rebuilds_the_page_of_an_older_run(lenet_run, tmp_path):
+    """A run written before report.html existed, with a format-1 observation file."""
+    import torch
+
+    old = tmp_path / "old"
+    shutil.copytree(lenet_run.out, old)
+    (old / "report.html").unlink()
+    (old / "timings.json").unlink()
+    blob = torch.load(old / "observations" / "round1_client0.pt", weights_only=True)
+    torch.save({**blob, "format": 1}, old / "observations" / "round1_client0.pt")
+    from typer.testing import CliRunner
+
+    from fedsim.cli import app
+
+    result = CliRunner().invoke(app, ["report", str(old)])
+    assert result.exit_code == 0, result.output
+    page = (old / "report.html").read_text()
+    numbers = sum(t.numel() for t in blob["update"].values())
+    assert f"shared {numbers:,} numbers" in page and "Where the time went" not in page
+    assert CliRunner().invoke(app, ["report", str(tmp_path / "nothing")]).exit_code == 2
