@@ -245,6 +245,7 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False, g
     setting = Setting(cfg)
     setting.data  # checks the batch size against every client's data, before any file is written
     attack = setting.attack()  # an attack that refuses its options fails here, before any work
+    setting.task  # so does a model that cannot be built (a prompt longer than the text encoder's context)
     out = prepare_output(cfg)
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     quiet_flower(verbose)

@@ -92,3 +92,13 @@ def test_clip_at_another_resolution_resizes_inside():
 def test_unknown_model_lists_valid_ones():
     with pytest.raises(ConfigError, match="tiny-clip, lenet, convnet, resnet18, or an open_clip model"):
         RunConfig(model="vit-h").validate()
+
+
+def test_coop_refuses_prompts_longer_than_the_text_context():
+    """The tiny CLIP's text context holds 16 tokens: 13 context vectors would cut '.' and 14 the
+    class name itself (every class the same prompt); refuse, naming the limit."""
+    names = ("zero", "one")
+    build_task(model_spec(RunConfig(n_ctx=12, pretrained="none"), names))
+    for n_ctx in (13, 14, 20):
+        with pytest.raises(ConfigError, match=rf"--n-ctx {n_ctx} does not fit.*holds 16; valid: --n-ctx 1..12"):
+            build_task(model_spec(RunConfig(n_ctx=n_ctx, pretrained="none"), names))

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedsim.models.clip import encode_text_embeddings, normalisation, text_tower
+from fedsim.options import ConfigError
 
 PROMPT_TEMPLATE = "a photo of a {}."
 
@@ -94,6 +95,20 @@ class CLIPClassifier(nn.Module):
         return None
 
 
+def check_prompts_fit(tokenizer, prompts: list[str], n_ctx: int) -> None:
+    """Refuse prompts longer than the text encoder's context: the tokenizer would silently cut
+    the class name off (every class then gets the same prompt) or the model would fail."""
+    limit = getattr(tokenizer, "context_length", None)
+    if limit is None or not hasattr(tokenizer, "encode"):
+        return
+    lengths = [len(tokenizer.encode(p)) + 2 for p in prompts]  # + start and end of text
+    longest = max(range(len(prompts)), key=lengths.__getitem__)
+    if lengths[longest] > limit:
+        room = limit - (lengths[longest] - n_ctx)
+        raise ConfigError(f"--n-ctx {n_ctx} does not fit: the prompt of class {prompts[longest].split(' ', n_ctx)[-1].rstrip('.')!r} "
+                          f"takes {lengths[longest]} tokens, the text encoder holds {limit}; valid: --n-ctx 1..{room}")
+
+
 class CoOp(CLIPClassifier):
     """CoOp (Zhou, Yang, Loy, Liu, IJCV 2022, arXiv 2109.01134): the prompt of each class is
     "X ... X <class name>." with `n_ctx` learnable context vectors in place of the X tokens,
@@ -106,6 +121,7 @@ class CoOp(CLIPClassifier):
         tower = text_tower(clip)
         width = tower.token_embedding.weight.shape[1]
         prompts = [" ".join(["X"] * n_ctx) + f" {name.replace('_', ' ')}." for name in self.class_names]
+        check_prompts_fit(tokenizer, prompts, n_ctx)
         tokens = tokenizer(prompts)
         with torch.no_grad():
             embeds = tower.token_embedding(tokens)
