@@ -51,5 +51,12 @@ class DPSGD(Defense):
         return {name: (g.sum(0) + gaussian_like(g[0], self.noise * self.clip, generator)) / batch
                 for name, g in clipped.items()}
 
+    def audited(self, grads, task, params, images, labels, update_scale, generator):
+        """The noise only: N(0, (sigma C / B)^2) on the mean gradient. Per-example clipping is left
+        out: it rescales the gradient (a bias) rather than hiding it."""
+        std = self.noise * self.clip / images.shape[0]
+        return ({n: g + gaussian_like(g, std, generator) for n, g in grads.items()},
+                f"dp: Gaussian std {std:.3g} (sigma C / B), clipping left out")
+
     def privacy(self, accounting) -> dict[str, float]:
         return {"epsilon": accounting.example_epsilon(self.noise, self.delta), "delta": self.delta}

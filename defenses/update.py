@@ -46,6 +46,12 @@ class UpdateDP(Defense):
     def privacy(self, accounting) -> dict[str, float]:
         return {"epsilon_client": accounting.client_epsilon(self.noise, self.delta), "delta": self.delta}
 
+    def audited(self, grads, task, params, images, labels, update_scale, generator):
+        """The noise only, N(0, (sigma C)^2) on the update, in gradient units; clipping left out."""
+        std = self.noise * self.clip * abs(update_scale)
+        return ({n: g + gaussian_like(g, std, generator) for n, g in grads.items()},
+                f"dp-update: Gaussian std {std:.3g} (sigma C, gradient units), clipping left out")
+
 
 class Prune(Defense):
     """Magnitude pruning of the update, the defense of DLG (Zhu, Liu, Han, NeurIPS 2019,

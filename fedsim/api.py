@@ -139,6 +139,22 @@ class Defense:
         """Privacy spent after `accounting.rounds` rounds (a fedsim.accounting.Accounting), e.g. epsilon."""
         return {}
 
+    def audited(self, grads: Params, task: Task, params: Params, images: torch.Tensor, labels: torch.Tensor,
+                update_scale: float, generator: torch.Generator) -> tuple[Params, str]:
+        """For `fedsim audit` (fedsim.audit, I2F): a random draw of the gradient as the server sees it
+        under this defense, and a note on how it was modelled. `update_scale` turns an update into
+        gradient units (1 for FedSGD). By default the defense's own update or gradient transform;
+        a defense that replaces the gradient computation (DP-SGD) says how its noise enters, and a
+        defense with none of these is noted as not modelled."""
+        if type(self).transform_update is not Defense.transform_update:
+            update = {n: g / update_scale for n, g in grads.items()}
+            return ({n: u * update_scale for n, u in self.transform_update(update, generator).items()},
+                    f"{self.name}: the defense's own transform of the update")
+        if type(self).transform_gradient is not Defense.transform_gradient:
+            return (self.transform_gradient(grads, task, params, images, labels, generator),
+                    f"{self.name}: the defense's own transform of the gradient")
+        return grads, f"{self.name}: not modelled"
+
 
 def replaces_gradient(defense: Defense) -> bool:
     return type(defense).gradient is not Defense.gradient
