@@ -243,7 +243,8 @@ def i2f(task: Task, params: Params, images: torch.Tensor, labels: torch.Tensor,
     rmse_pred (i2f / sqrt(d_x)), rel_error (i2f / ||input||: comparable across spaces),
     psnr_pred (10 log10(1 / rmse_pred^2); NaN for embeddings),
     per_image (the predicted error's norm for each image of the batch), jdelta_norm, delta_norm,
-    lambda_max (of the undamped J J^T), damping (mu), cond_est (of J J^T + mu I), cg_iters, cg_residual, converged, reliable, d_x, d_theta, seconds.
+    lambda_max (of the undamped J J^T), damping (mu), cond_est (of J J^T + mu I), cg_iters,
+    cg_residual, converged, reliable, d_x, d_theta, seconds.
     A `gmap` (GradientMap) built for the same input may be passed to reuse its graph."""
     start = time.perf_counter()
     if gmap is None:

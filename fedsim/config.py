@@ -39,7 +39,8 @@ class RunConfig:
 
     clients: int = option(10, "number of simulated clients (Flower supernodes)", "federation")
     rounds: int = option(1, "federated rounds", "federation")
-    batch_size: int = option(1, "images in each client's batch per round (FedSGD: one batch, one gradient)", "federation")
+    batch_size: int = option(1, "images in each client's batch per round (FedSGD: one batch, one gradient)",
+                             "federation")
     dataset: str = option("digits", "embedded: digits, faces, photos, synthetic; from --data-root: "
                                     "mnist, cifar10, cifar100, caltech101, imagefolder", "data")
     image_size: int = option(32, "images are resized to this many pixels per side", "data")
@@ -63,11 +64,13 @@ class RunConfig:
     n_ctx: int = option(4, "coop: number of learnable context vectors", "model")
     coop_class_specific: bool = option(False, "coop: one set of context vectors per class", "model")
     adapter_reduction: int = option(4, "adapters: bottleneck width = feature width / reduction", "model")
-    adapter_ratio: float = option(0.2, "adapters: residual blend ratio alpha (output = alpha*A(f) + (1-alpha)*f)", "model")
+    adapter_ratio: float = option(0.2, "adapters: residual blend ratio alpha (output = alpha*A(f) + (1-alpha)*f)",
+                                  "model")
     lora_rank: int = option(4, "lora: rank r", "model")
     lora_alpha: float = option(8.0, "lora: scaling alpha", "model")
     lora_tower: str = option("image", "lora: image, text or both towers", "model")
-    lora_targets: str = option("attn", "lora: comma-separated block parts: attn (whole attention), c_fc, c_proj", "model")
+    lora_targets: str = option("attn", "lora: comma-separated block parts: attn (whole attention), c_fc, c_proj",
+                               "model")
     vpt_tokens: int = option(4, "vpt: number of learnable visual prompt tokens", "model")
     model_seed: int = option(0, "seeds the model's initialisation (PEFT parameters, classic models); public, "
                                 "part of the model description the server sends, independent of --seed", "model")
@@ -76,7 +79,8 @@ class RunConfig:
     lr: float = option(0.01, "learning rate: the server's step on the averaged gradient (fedsgd), "
                        "the clients' SGD step (fedavg)", "federation")
     local_steps: int = option(1, "fedavg: SGD steps on the round's batch", "federation")
-    local_epochs: int = option(0, "fedavg: if > 0, passes over all the client's data instead of local steps", "federation")
+    local_epochs: int = option(0, "fedavg: if > 0, passes over all the client's data instead of local steps",
+                               "federation")
     fraction: float = option(1.0, "share of clients sampled each round", "federation")
     attack: str = option("mip", "attack run by the curious server on every client update (`fedsim list` "
                          "shows them and their options); none to skip", "attack")

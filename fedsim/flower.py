@@ -13,10 +13,10 @@ import json
 import logging
 import sys
 import time
+import typing
 import warnings
 from collections.abc import Iterable
 from functools import lru_cache
-from typing import Protocol
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -98,7 +98,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 # ---------------------------------------------------------------------------------- server
 
 
-class Listener(Protocol):
+class Listener(typing.Protocol):
     """What the curious server reports to: the attack pipeline."""
 
     def round_sent(self, server_round: int) -> None: ...

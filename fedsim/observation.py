@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from fedsim.protocol import UPDATE_KINDS, Params, pseudo_gradient
+
 FORMAT_VERSION = 2  # 2: model_spec's model_seed is the model's own seed, not one derived from the data seed
 
 

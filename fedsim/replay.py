@@ -25,7 +25,8 @@ def replay_knowledge(obs: Observation, saved: RunConfig | None, dataset: str | N
         cfg = dataclasses.replace(cfg, dataset=dataset)
     knowledge = AttackerKnowledge.of(cfg)
     if list(knowledge.class_names) != list(obs.model_spec["class_names"]):
-        raise ConfigError(f"the public split of --dataset {cfg.dataset} has classes {list(knowledge.class_names)[:5]}..., "
+        raise ConfigError(f"the public split of --dataset {cfg.dataset} has classes "
+                          f"{list(knowledge.class_names)[:5]}..., "
                           f"the observation's model {list(obs.model_spec['class_names'])[:5]}...; pass the run's "
                           "dataset with --dataset")
     return dataclasses.replace(knowledge, model_spec=obs.model_spec)

@@ -32,6 +32,7 @@ from fedsim.observation import Observation
 from fedsim.pages import write_run_page
 from fedsim.report import ResultsWriter, save_grid
 from fedsim.training import accuracy
+
 COMBINED_CLIENTS = 32  # clients of the last round in reconstructions.png
 CLIENT_GPU_SHARE = 0.25  # each client actor takes a quarter GPU: four train at once per GPU
 

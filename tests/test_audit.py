@@ -13,14 +13,7 @@ from fedsim.config import RunConfig
 from fedsim.harness import Setting
 from fedsim.task import Task
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The Jacobian products are tiny: on a shared machine more threads only contend (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny products: more threads only contend
 
 
 @pytest.fixture(scope="module")

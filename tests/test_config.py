@@ -4,7 +4,6 @@ from fedsim.config import ConfigError, RunConfig
 from fedsim.data import federated_data
 
 
-
 @pytest.mark.parametrize("field,value,message", [
     ("attack", "nope", "valid: none, dlg, gradinversion"),
     ("defense", "nope", "valid: none, dp, dp-update"),

@@ -7,14 +7,14 @@ import torch
 from opacus.accountants import RDPAccountant
 
 from defenses.base import update_norm
-from fedsim.accounting import Accounting, epsilon
-from fedsim.api import Chain
 from defenses.dp import DPSGD
 from defenses.soteria import Soteria, representation_layer
 from defenses.update import Prune, Quantize, UpdateDP
+from fedsim.accounting import Accounting, epsilon
+from fedsim.api import Chain
 from fedsim.config import ConfigError, RunConfig
-from fedsim.protocol import Protocol
 from fedsim.plugins import make_defense
+from fedsim.protocol import Protocol
 from fedsim.training import local_update
 
 

@@ -53,13 +53,7 @@ class Setting:
         return Observation(1, 0, "gradient", grads, self.params, len(idx), 0.1, 1, self.spec)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many tiny forward passes: one thread avoids oversubscription on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny products: more threads only contend
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,9 @@ from attacks.mip import MIP, route_of
 from fedsim.api import Defense
 from fedsim.config import ConfigError, RunConfig
 from fedsim.data import federated_data
+from fedsim.knowledge import AttackerKnowledge
 from fedsim.models import build_task, model_spec
 from fedsim.observation import Observation
-from fedsim.knowledge import AttackerKnowledge
 from fedsim.plugins import make_attack
 from fedsim.protocol import Protocol
 from fedsim.training import local_update

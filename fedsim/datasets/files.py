@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fedsim.options import ConfigError
 from fedsim.datasets.base import ImageDataset, labels_tensor, resize, to_images
 from fedsim.datasets.embedded import DIGIT_NAMES
+from fedsim.options import ConfigError
 
 DEFAULT_ROOT = Path("~/.cache/fedsim/data")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -105,7 +105,8 @@ def check_prompts_fit(tokenizer, prompts: list[str], n_ctx: int) -> None:
     longest = max(range(len(prompts)), key=lengths.__getitem__)
     if lengths[longest] > limit:
         room = limit - (lengths[longest] - n_ctx)
-        raise ConfigError(f"--n-ctx {n_ctx} does not fit: the prompt of class {prompts[longest].split(' ', n_ctx)[-1].rstrip('.')!r} "
+        name = prompts[longest].split(" ", n_ctx)[-1].rstrip(".")
+        raise ConfigError(f"--n-ctx {n_ctx} does not fit: the prompt of class {name!r} "
                           f"takes {lengths[longest]} tokens, the text encoder holds {limit}; valid: --n-ctx 1..{room}")
 
 
