@@ -5,7 +5,7 @@ Each example's gradient is clipped to L2 norm C (over all trainable tensors toge
 clipped gradients are summed, Gaussian noise of std sigma*C is added to the sum, and the result
 is divided by the batch size. Per-example gradients come from `torch.func.vmap`
 (`Task.per_example_gradients`). The privacy spent is Opacus' RDP accountant's epsilon at
-`--dp-delta`, under the assumptions in `defenses.accounting`.
+`--dp-delta`, under the assumptions in `fedsim.accounting`.
 
 Departure from the paper: the "lot" is the client's round batch (fixed size, drawn at random)
 rather than a Poisson sample; the accountant treats it as Poisson at rate B/n.

@@ -21,7 +21,7 @@ class FlowerDP(Defense):
     them back into updates; under FedSGD, C therefore bounds the step lr * gradient. The noise
     is added after the curious server has copied the replies, so this defense does not hide an
     update from the server itself: it bounds each update's norm and protects the released global
-    model. Epsilon (client-level, see defenses.accounting) is
+    model. Epsilon (client-level, see fedsim.accounting) is
     the protection of the global model against anyone who sees it, not against the server.
     """
 

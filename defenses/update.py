@@ -29,7 +29,7 @@ class UpdateDP(Defense):
     update to L2 norm C, add N(0, sigma^2 C^2) to every coordinate. This is the client-level
     mechanism of DP-FedAvg (McMahan, Ramage, Talwar, Zhang, ICLR 2018, arXiv 1710.06963), with
     the noise added by the client itself (local DP) rather than by the server to the sum:
-    the curious server sees the noised update. Epsilon is client-level (see defenses.accounting)."""
+    the curious server sees the noised update. Epsilon is client-level (see fedsim.accounting)."""
 
     name = "dp-update"
     options = (UPDATE_CLIP, UPDATE_NOISE, DELTA)

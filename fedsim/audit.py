@@ -309,7 +309,8 @@ def expected_perturbation(setting, images: torch.Tensor, labels: torch.Tensor, p
     the gradient; flower-dp and secagg (they act in Flower's protocol) are noted as not modelled.
     Then `noise` > 0 (the caller's `--audit-noise`) adds N(0, noise^2) on every entry: the
     perturbation to audit when there is no defense, or on top of one.
-    The FedAvg delta is treated as one SGD step (I2F's map is the gradient's)."""
+    A FedAvg delta is converted to gradient units by lr * local steps (with --local-epochs, by the
+    steps of one batch: an approximation), since I2F's map is the gradient's."""
     task = setting.task
     device = task.device
     images, labels = images.to(device), labels.to(device)

@@ -269,7 +269,9 @@ def describe_default(plugin, opt) -> str:
     if opt.default is not None:
         return str(opt.default)
     own = inspect.signature(plugin.__init__).parameters.get(opt.name)
-    return f"unset: {own.default:,}" if own is not None and own.default is not inspect.Parameter.empty else "unset"
+    if own is None or own.default is inspect.Parameter.empty:
+        return "unset"
+    return f"unset: {own.default:,}" if isinstance(own.default, (int, float)) else f"unset: {own.default}"
 
 
 @app.command("flwr-config")
@@ -302,7 +304,7 @@ def report_page(
 
     try:
         page = write_page(directory)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # not a run or sweep directory; a config.yaml not YAML
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     console.print(f"report: {page}")
@@ -369,7 +371,8 @@ def attack_file(
     attack: str = typer.Option("mip", help="attack plugin to run"),
     attack_iters: int = typer.Option(None, help="optimiser iterations of the attack; unset = the attack's "
                                                 "own default (`fedsim list`)"),
-    attack_seed: int = typer.Option(0, help="the attack's own random seed"),
+    attack_seed: int = typer.Option(None, help="the attack's own random seed; unset = the saved run's "
+                                               "(else 0)"),
     out: Path = typer.Option(Path("replay.png"), help="where to save the reconstructed images"),
     dataset: str = typer.Option("", help="the server's public split (MIP's priors learn from it); default: "
                                 "the run's config.yaml next to the observations folder, else digits"),

@@ -14,7 +14,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from fedsim.options import ConfigError, declared
+from fedsim.options import ConfigError, cast_number, declared
 from fedsim.protocol import PROTOCOLS
 
 __all__ = ["RunConfig", "ConfigError", "CLASSIC_MODELS", "CLIP_PEFT", "GROUPS"]
@@ -177,8 +177,19 @@ class RunConfig:
                 raise ConfigError(f"{known.flag} does not apply to --attack {self.attack} --defense "
                                   f"{self.defense}; it is read by {', '.join(known.plugins)}")
 
+    def validate_types(self) -> None:
+        """Every core field holds a value of its type (a YAML or grid file may hold anything)."""
+        hints = get_type_hints(RunConfig)
+        for name in CORE:
+            value, kind = getattr(self, name), hints[name]
+            ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) or (
+                kind is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise ConfigError(f"--{name.replace('_', '-')} takes a {kind.__name__}, got {value!r}")
+
     def validate_data(self) -> None:
         """The checks on the fields that define the data and its partition."""
+        self.validate_types()
         _positive(self, "clients", "batch_size", "image_size", "synthetic_classes", "synthetic_size",
                   "shards")
         _finite(self, "alpha")
@@ -270,8 +281,7 @@ class RunConfig:
         if unknown:
             raise ConfigError(f"unknown {what} {spell(unknown[0])!r}; valid: "
                               f"{', '.join(sorted(spell(k) for k in types))}")
-        return cls(**{k: types[k](v) if types[k] in (int, float) and isinstance(v, (int, float))
-                      and not isinstance(v, bool) else v for k, v in data.items()})
+        return cls(**{k: cast_number(types[k], v) for k, v in data.items()})
 
 
 CORE = tuple(f.name for f in fields(RunConfig) if f.name != "options")

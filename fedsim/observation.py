@@ -57,7 +57,9 @@ class Observation:
         except Exception as exc:  # a file that is not a safe tensor archive: say which and why
             raise ValueError(f"{path} is not a readable observation file: {exc}") from exc
         if not isinstance(blob, dict) or blob.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a fedsim observation (format {FORMAT_VERSION})")
+            found = blob.get("format") if isinstance(blob, dict) else None
+            old = f": it is format {found}, saved by an older fedsim; rerun the run" if found else ""
+            raise ValueError(f"{path} is not a fedsim observation (format {FORMAT_VERSION}){old}")
         return cls(update=blob["update"], global_params=blob["global_params"], **blob["meta"])
 
     def meta(self) -> dict[str, Any]:

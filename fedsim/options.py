@@ -57,12 +57,23 @@ class Option:
             raise ConfigError(f"{flag} must be {self.valid}, got {value}")
 
     def cast(self, value: Any) -> Any:
-        """A value from TOML, YAML or a string, as this option's type (TOML writes 1.0 as 1)."""
+        """A value from TOML or YAML as this option's type (see `cast_number`); "" is unset."""
         if value == "" and self.default is None:  # TOML has no null: an unset option is written ""
             return None
-        if value is None or self.kind not in (int, float) or isinstance(value, bool):
-            return value
-        return self.kind(value) if isinstance(value, (int, float)) else value
+        return cast_number(self.kind, value)
+
+
+def cast_number(kind: type, value: Any) -> Any:
+    """A number read from TOML or YAML as `kind`: 1 for a float option is 1.0 (TOML writes 1.0
+    as 1), 3.0 for an int option is 3; anything else (2.7 for an int) is left for validation to
+    refuse, never truncated."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if kind is float:
+        return float(value)
+    if kind is int and float(value).is_integer():
+        return int(value)
+    return value
 
 
 def at_least(low: float) -> dict:

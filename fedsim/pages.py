@@ -118,7 +118,12 @@ def accuracy_plot(metrics: pd.DataFrame) -> str | None:
 def run_context(out: Path) -> dict[str, Any]:
     """Everything the run page shows, read from the run's directory."""
     out = Path(out)
-    config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+    try:
+        config = yaml.safe_load((out / "config.yaml").read_text()) if (out / "config.yaml").exists() else {}
+    except yaml.YAMLError:
+        config = None
+    if not isinstance(config, dict):  # an empty, hand-edited or broken file: show the rest of the run anyway
+        config = {}
     results, metrics = read_csv(out / "results.csv"), read_csv(out / "metrics.csv")
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
     gallery = []
@@ -172,10 +177,16 @@ def sweep_context(out: Path) -> dict[str, Any]:
                      "peft": trial.get("peft"), "status": trial.get("trial_status"),
                      "psnr": fmt(per_trial["psnr"].get(tid) if tid in per_trial.index else None, "{:.1f}"),
                      "accuracy": fmt(trial.get("accuracy_final"), "{:.1%}"),
-                     "epsilon": fmt(trial.get("epsilon", trial.get("epsilon_client")), "{:.3g}"),
+                     "epsilon": fmt(epsilon_of(trial), "{:.3g}"),
                      "link": f"trials/{tid}/{PAGE}" if link.exists() else None})
     return {"title": f"fedsim sweep: {out.name}", "trials": rows, "scatter": tradeoff_plot(trials, per_trial),
             "heatmaps": heatmaps(ok), "cells": extremes(ok, out)}
+
+
+def epsilon_of(trial) -> float:
+    """A trial's epsilon, example-level or else client-level (NaN without a DP defense)."""
+    values = [trial.get(c) for c in ("epsilon", "epsilon_client")]
+    return next((float(v) for v in values if v is not None and pd.notna(v)), float("nan"))
 
 
 def tradeoff_plot(trials: pd.DataFrame, per_trial: pd.DataFrame) -> str | None:
@@ -189,7 +200,7 @@ def tradeoff_plot(trials: pd.DataFrame, per_trial: pd.DataFrame) -> str | None:
             continue
         x, y = 100 * trial["accuracy_final"], per_trial.loc[trial["trial_id"], "psnr"]
         ax.scatter(x, y, color="#1f6feb")
-        eps = trial.get("epsilon", float("nan"))
+        eps = epsilon_of(trial)
         label = f"{trial.get('attack')}/{trial.get('defense')}" + ("" if pd.isna(eps) else f" ε={eps:.2g}")
         ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("global accuracy after training (%)  → more useful")

@@ -85,7 +85,7 @@ def print_result(console, result) -> None:
             if column in metrics:
                 delta = metrics["delta"].iloc[-1] if "delta" in metrics else float("nan")
                 console.print(f"privacy spent: {unit} epsilon {metrics[column].iloc[-1]:.3g} at delta {delta:g}")
-    elif cfg.attack != "none":
+    if not len(results) and cfg.attack != "none":
         console.print("[red]no client update was attacked: see the Flower log above[/]")
     console.print(f"time: {timings['total_s']:.1f}s; waiting for clients (engine start-up + training) "
                   f"{timings['waiting_for_clients_s']:.1f}s, of which client compute "

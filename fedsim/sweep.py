@@ -114,8 +114,10 @@ def parse_grid(spec: dict, source: str = "grid") -> Grid:
                 raise ConfigError(f"{where}: {exc}") from None
             tid = trial_id(cfg)
             if tid in seen:
-                raise ConfigError(f"{where} is the same run as trial {seen[tid]}; remove the duplicate")
-            seen[tid] = _describe(entry, point)
+                if seen[tid][1] != cfg:  # differs only in options its plugins do not read (dp_noise
+                    continue             # under defense none, in a grid crossing both): one run
+                raise ConfigError(f"{where} is the same run as trial {seen[tid][0]}; remove the duplicate")
+            seen[tid] = (_describe(entry, point), cfg)
             trials.append(Trial(tid, cfg))
     swept = [name for name in dict.fromkeys([*(k for e in entries for k in e), *grid])
              if len({repr(t.config.value(name)) for t in trials}) > 1]

@@ -126,6 +126,12 @@ def test_four_trial_sweep_on_two_local_cpus(tmp_path, local_ray):
     assert sweep(grid, tmp_path / "s").ran == []  # all finished: nothing runs again
 
 
+def test_a_grid_crossing_a_defense_with_its_options_runs_the_undefended_trial_once():
+    grid = parse_grid({"base": TINY, "grid": {"defense": ["none", "dp"], "dp_noise": [0.1, 1.0]}})
+    assert [(t.config.defense, t.config.option("dp_noise")) for t in grid.trials] == [
+        ("none", 0.1), ("dp", 0.1), ("dp", 1.0)]
+
+
 def test_a_trial_whose_plugins_do_not_read_an_axis_option_keeps_its_row():
     from fedsim.sweep import pivots
 
