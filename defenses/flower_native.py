@@ -85,7 +85,6 @@ class SecureAggregation(Defense):
                       "1 = all of them)", check=lambda t: t >= 1, valid=">= 1"),
                Option("clip", 8.0, "SecAgg+ clips each update entry to [-clip, clip] before quantising it to "
                       "2^22 levels", **above(0)))
-    aggregate_only = True
 
     def __init__(self, shares: int = 3, threshold: int = 2, clip: float = 8.0):
         self.shares, self.threshold, self.clip = shares, threshold, clip

@@ -90,14 +90,13 @@ class Defense:
 
     Defenses that act in Flower's protocol rather than in the client loop (Flower's DP mods,
     secure aggregation) say so through `client_mods`, `wrap_strategy`, `fit_workflow`,
-    `aggregate_only` and `replies_with_weights`; `check_chain` refuses chains it cannot join.
+    and `replies_with_weights`; `check_chain` refuses chains it cannot join.
     Register a new defense under the entry-point group ``fedsim.defenses``; declare its options
     in `options`, passed to `__init__` by name.
     """
 
     name: str = "none"
     options: tuple[Option, ...] = ()
-    aggregate_only: bool = False  # the server sees only the aggregate of the clients' updates
     replies_with_weights: bool = False  # the client replies with global + update (Flower's DP mods)
 
     @classmethod
@@ -179,7 +178,6 @@ class Chain(Defense):
                               "a chain may hold only one of them")
         self.defenses = list(defenses)
         self.name = ",".join(d.name for d in defenses) or "none"
-        self.aggregate_only = any(d.aggregate_only for d in defenses)
         self.replies_with_weights = any(d.replies_with_weights for d in defenses)
 
     def gradient(self, task, params, images, labels, generator):
