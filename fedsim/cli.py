@@ -64,8 +64,7 @@ def _plugin_options() -> list[inspect.Parameter]:
         params.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[opt.kind],
                                         default=typer.Option(opt.default, help=opt.help + hint,
                                                              rich_help_panel=plugin_panel(known))))
-    order = {group: i for i, group in enumerate(GROUPS)}
-    return sorted(params, key=lambda p: order[p.default.rich_help_panel.split(":")[0]])
+    return params
 
 
 def _run_signature() -> inspect.Signature:

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from fedsim.config import RunConfig
 from fedsim.harness import Setting
 from fedsim.pages import environment, png_uri
-from fedsim.report import save_grid
+from fedsim.report import save_grids_side_by_side
 
 CLIENTS = 4
 MODEL = dict(model="tiny-clip", peft="adapter", dataset="digits", clients=CLIENTS)
@@ -64,14 +64,10 @@ def attack_panel(panel: Panel, out: Path, progress) -> dict:
         recon = attack.reconstruct(obs, setting.task)
         metrics, order = scorer.score(obs, recon, truth)
         rows.append(metrics)
-        pictures.append((truth, recon.images[order], recon.labels[order]))
+        pictures.append([(truth.images, truth.labels), (recon.images[order], recon.labels[order])])
         progress()
-    import torch
-
     grid = out / "reconstructions.png"
-    save_grid(grid, [(torch.cat([t.images for t, _, _ in pictures]), torch.cat([t.labels for t, _, _ in pictures])),
-                     (torch.cat([r for _, r, _ in pictures]), torch.cat([y for _, _, y in pictures]))],
-              setting.knowledge.class_names, scale=4)
+    save_grids_side_by_side(grid, pictures, setting.knowledge.class_names, scale=4)
     return {"psnr": statistics.median(r["psnr"] for r in rows),
             "labels": statistics.mean(r["label_acc"] for r in rows),
             "identified": statistics.mean(r["ident_pixel"] for r in rows), "image": png_uri(grid)}

@@ -139,8 +139,13 @@ class Scorer:
     def row(self, obs: Observation, recon, truth: Truth) -> dict[str, Any]:
         """The results row of one attacked observation (without the run's own columns)."""
         metrics, _ = self.score(obs, recon, truth)
-        return {"round": obs.round, "client": obs.client, "batch_size": obs.batch_size, **metrics,
-                "gradient_loss": recon.extras.get("gradient_loss"), "prior": recon.extras.get("prior"),
+        return {"round": obs.round, "client": obs.client, "batch_size": obs.batch_size,
+                **self.result(metrics, recon)}
+
+    @staticmethod
+    def result(metrics: dict[str, Any], recon) -> dict[str, Any]:
+        """A successful attack's results columns: its metrics and what the attack reports."""
+        return {**metrics, "gradient_loss": recon.extras.get("gradient_loss"), "prior": recon.extras.get("prior"),
                 "status": "ok"}
 
 

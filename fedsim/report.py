@@ -52,6 +52,14 @@ def save_grid(path: Path, rows: list[tuple[torch.Tensor, torch.Tensor]], class_n
     canvas.save(path)
 
 
+def save_grids_side_by_side(path: Path, grids: list[list[tuple[torch.Tensor, torch.Tensor]]], class_names,
+                            scale: int = 3) -> None:
+    """Several grids of the same rows (e.g. one client's true batch above its reconstruction),
+    side by side in one picture: row r holds every grid's row r."""
+    rows = [(torch.cat([g[r][0] for g in grids]), torch.cat([g[r][1] for g in grids])) for r in range(len(grids[0]))]
+    save_grid(path, rows, class_names, scale)
+
+
 def summary_table(results: pd.DataFrame) -> Table:
     """One line per (attack, defense): successful attacks / all, then medians over clients and
     rounds of label accuracy, PSNR (dB), SSIM, LPIPS, the share identified by pixels, seconds."""

@@ -26,11 +26,11 @@ from fedsim.accounting import Accounting
 from fedsim.config import RunConfig
 from fedsim.evaluate import lpips_metric
 from fedsim.flower import make_client_app, make_server_app, quiet_flower, serve
-from fedsim.harness import Setting, Truth
+from fedsim.harness import Scorer, Setting, Truth
 from fedsim.models import resolve_device
 from fedsim.observation import Observation
 from fedsim.pages import write_run_page
-from fedsim.report import ResultsWriter, save_grid
+from fedsim.report import ResultsWriter, save_grid, save_grids_side_by_side
 from fedsim.training import accuracy
 
 COMBINED_CLIENTS = 32  # clients of the last round in reconstructions.png
@@ -113,10 +113,8 @@ class Recorder:
         images above their reconstructions, in one picture to paste."""
         if not self._last:
             return
-        parts = [rows for _, rows in sorted(self._last, key=lambda item: item[0])]
-        save_grid(self.out / "reconstructions.png",
-                  [tuple(torch.cat([rows[r][k] for rows in parts]) for k in (0, 1)) for r in (0, 1)],
-                  self.class_names)
+        save_grids_side_by_side(self.out / "reconstructions.png",
+                                [rows for _, rows in sorted(self._last, key=lambda item: item[0])], self.class_names)
 
     def failure(self, obs: Observation) -> None:
         with (self.out / "errors.log").open("a") as log:
@@ -189,8 +187,7 @@ class CuriousServer:
             truth = self.setting.truth(obs.round, obs.clients or (obs.client,))
             metrics, order = self.scorer.score(obs, recon, truth)
             self.recorder.reconstruction(obs, recon, order, truth)
-            result = {**metrics, "gradient_loss": recon.extras.get("gradient_loss"),
-                      "prior": recon.extras.get("prior"), "status": "ok"}
+            result = Scorer.result(metrics, recon)
         except Exception as exc:  # one failed attack must not lose the run: record it and go on
             self.recorder.failure(obs)
             result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
