@@ -157,6 +157,7 @@ class MIP(Attack):
             embeddings = task.embeddings(params, features=features)
         return Reconstruction(images.detach().cpu(), labels.cpu(),
                               {**info, **more, "prior": self.prior, "embeddings": embeddings.cpu(),
+                               "features": F.normalize(features.float(), dim=-1).cpu(),
                                "seconds": time.perf_counter() - start})
 
     def tower_route(self, observation: Observation, task: Task, start: float) -> Reconstruction:

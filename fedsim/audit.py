@@ -56,8 +56,8 @@ Departures from the paper and its reference code:
 - I2F is a first-order (linearised) prediction: for perturbations comparable to the gradient itself
   (heavy pruning, large noise) it is outside its regime, and rmse_pred is not capped at the
   images' range (a predicted PSNR below ~10 dB means "the attacker learns little", not a number).
-- The audit evaluates I2F at round 1's global parameters (the initial model) only: later rounds'
-  parameters need the training run.
+- Rounds after the first are audited at the global parameters the run would reach, re-derived from
+  every client's defended update without attacking (`Setting.global_weights`; needs --fraction 1).
 """
 
 from __future__ import annotations
@@ -333,13 +333,14 @@ def expected_perturbation(setting, images: torch.Tensor, labels: torch.Tensor, p
 
 # -- the audit -----------------------------------------------------------------------------------
 
-def audit(setting, noise: float = 0.0, clients: list[int] | None = None, rounds: tuple[int, ...] = (1,),
+def audit(setting, noise: float = 0.0, clients: list[int] | None = None, rounds: tuple[int, ...] | None = None,
           spaces: tuple[str, ...] | None = None, cg_tol: float | None = None, cg_maxiter: int = 500,
           damping: float = 0.0, rel_damping: float = 1e-4, seed: int = 0, progress=None):
-    """I2F for every client of round 1 (at the initial global model): one row per (round, client,
-    space) with columns round, client, label (the client's most common class), labels, batch_size,
-    space, i2f, i2f_lb, rmse_pred, rel_error, psnr_pred, delta_norm, jdelta_norm, lambda_max, cond_est,
-    cg_iters, cg_residual, reliable, perturbation (what was modelled), seconds.
+    """I2F for every client of every round (default: the config's rounds) at that round's global
+    model (`Setting.global_weights`): one row per (round, client, space) with columns round, client,
+    label (the client's most common class), labels, batch_size, space, i2f, i2f_lb, rmse_pred,
+    rel_error, psnr_pred, delta_norm, jdelta_norm, lambda_max, cond_est, cg_iters, cg_residual,
+    reliable, perturbation (what was modelled), seconds.
 
     Uses `setting.observe` for the client's true batch and the global parameters (the auditor, the
     deployment's engineer, has the truth), draws the defense's perturbation with
@@ -357,14 +358,15 @@ def audit(setting, noise: float = 0.0, clients: list[int] | None = None, rounds:
         if space == "embedding" and not embedding_applicable(cfg):
             raise ValueError(f"I2F w.r.t. the embedding needs a CLIP PEFT outside the image tower "
                              f"({', '.join(FEATURE_PEFT)}, lora on the text tower); got {cfg.model}/{cfg.peft}")
-    if any(r != 1 for r in rounds):
-        raise NotImplementedError("the audit evaluates round 1 (the initial global model) only")
+    rounds = tuple(range(1, cfg.rounds + 1)) if rounds is None else tuple(rounds)
     clients = list(range(cfg.clients)) if clients is None else list(clients)
     rows = []
     total = len(rounds) * len(clients)
+    done = 0
     for round_ in rounds:
-        for k, client in enumerate(clients):
-            obs, truth = setting.observe(round_, client)
+        weights = setting.global_weights(round_)
+        for client in clients:
+            obs, truth = setting.observe(round_, client, weights)
             params = {n: p.to(setting.task.device) for n, p in obs.global_params.items()}
             gen = torch.Generator().manual_seed(derive_seed(seed, round_, client, "audit"))
             delta, notes = expected_perturbation(setting, truth.images, truth.labels, params, noise, gen)
@@ -377,8 +379,9 @@ def audit(setting, noise: float = 0.0, clients: list[int] | None = None, rounds:
                              "labels": " ".join(map(str, labels)), "batch_size": len(labels), "space": space,
                              **{key: out[key] for key in COLUMNS},
                              "perturbation": "; ".join(notes) or "none"})
+            done += 1
             if progress is not None:
-                progress(k + 1, total)
+                progress(done, total)
     return pd.DataFrame(rows)
 
 

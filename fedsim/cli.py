@@ -87,9 +87,15 @@ app.command("run", help="Run a federated simulation, attack every client update,
 
 
 def _audit(audit_noise: float = 0.0, audit_rel_damping: float = 1e-4, **options) -> None:
+    from datetime import datetime
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     try:
-        cfg = RunConfig(**options)
+        # the audit only adds audit.csv (and its page): a finished run's directory is a valid --out
+        cfg = RunConfig(**{**options, "overwrite": True})
         cfg.validate()
+        out = Path(cfg.out or Path("runs") / f"audit-{datetime.now():%Y%m%d-%H%M%S}")
         import torch
 
         from fedsim.audit import audit
@@ -97,23 +103,28 @@ def _audit(audit_noise: float = 0.0, audit_rel_damping: float = 1e-4, **options)
 
         threads = torch.get_num_threads()
         torch.set_num_threads(1)  # tiny Jacobian products: more threads only contend
+        columns = (TextColumn("auditing clients"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
         try:
-            frame = audit(Setting(cfg), noise=audit_noise, rel_damping=audit_rel_damping)
+            with Progress(*columns, console=console, transient=True) as bar:
+                job = bar.add_task("audit", total=None)
+                frame = audit(Setting(cfg), noise=audit_noise, rel_damping=audit_rel_damping,
+                              progress=lambda done, total: bar.update(job, completed=done, total=total))
         finally:
             torch.set_num_threads(threads)
     except (ConfigError, ValueError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
-    from datetime import datetime
+    from fedsim.pages import write_run_page
 
-    out = Path(cfg.out or Path("runs") / f"audit-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+    # next to a run's own files (--out of a finished run): the audit keeps its config apart
+    cfg.save(out / ("audit_config.yaml" if (out / "config.yaml").exists() else "config.yaml"))
     frame.to_csv(out / "audit.csv", index=False)
+    page = write_run_page(out)
     console.print(audit_tables(frame))
     notes = frame["perturbation"].iloc[0] if len(frame) else "none"
     console.print(f"perturbation audited: {notes}; {frame['reliable'].mean():.0%} of the estimates reliable; "
-                  f"wrote {out / 'audit.csv'}")
+                  f"wrote {out / 'audit.csv'} and {page}")
 
 
 def audit_tables(frame):
@@ -123,16 +134,16 @@ def audit_tables(frame):
     from fedsim.audit import summary
 
     def psnr(v):
-        return "-" if np.isnan(v) else f"{v:.1f} dB"
+        return "-" if np.isnan(v) else f"{v:.1f}"
 
-    clients = Table(title="I2F per client (round 1)", box=box.SIMPLE)
-    for col in ("client", "label", "space", "i2f", "i2f lb", "pred. RMSE", "pred. PSNR", "reliable"):
+    clients = Table(title="I2F per client", box=box.SIMPLE)
+    for col in ("round", "client", "label", "space", "i2f", "i2f lb", "pred. RMSE", "pred. PSNR dB", "reliable"):
         clients.add_column(col, justify="right")
     for r in frame.itertuples():
-        clients.add_row(str(r.client), str(r.label), r.space, f"{r.i2f:.4g}", f"{r.i2f_lb:.3g}",
+        clients.add_row(str(r.round), str(r.client), str(r.label), r.space, f"{r.i2f:.4g}", f"{r.i2f_lb:.2g}",
                         f"{r.rmse_pred:.4f}", psnr(r.psnr_pred), "yes" if r.reliable else "[yellow]no[/]")
     per_class = Table(title="I2F per class (medians)", box=box.SIMPLE)
-    for col in ("space", "label", "clients", "i2f", "pred. RMSE", "pred. PSNR"):
+    for col in ("space", "label", "clients", "i2f", "pred. RMSE", "pred. PSNR dB"):
         per_class.add_column(col, justify="right")
     for (space, label), r in summary(frame)["per_class"].iterrows():
         per_class.add_row(space, str(label), str(int(r["clients"])), f"{r['i2f']:.4g}", f"{r['rmse_pred']:.4f}",
@@ -157,10 +168,12 @@ def _audit_signature() -> inspect.Signature:
 
 _audit.__signature__ = _audit_signature()
 app.command("audit", help="Predict, without attacking, how far an optimal gradient-inversion attacker lands "
-                          "from each client's round-1 batch under the configured defense: the Inversion "
+                          "from each client's batch in every round under the configured defense: the Inversion "
                           "Influence Function (I2F, Zhang et al., NeurIPS 2023, arXiv 2309.13016). Pixels for "
-                          "classic models, the image embedding for CLIP PEFT. Writes audit.csv and config.yaml "
-                          "to --out; prints a per-client and a per-class summary.",
+                          "classic models, the image embedding for CLIP PEFT. Writes audit.csv, config.yaml "
+                          "and report.html to --out; with --out of a finished run, adds the audit to its "
+                          "report page (its config as audit_config.yaml). Prints a per-client and a "
+                          "per-class summary.",
             context_settings={"max_content_width": 120})(_audit)
 
 

@@ -25,8 +25,9 @@ from fedsim.evaluate import embedding_similarity, evaluate, mean_embedding
 from fedsim.knowledge import AttackerKnowledge
 from fedsim.models import build_task, derive_seed, resolve_device
 from fedsim.observation import Observation
+from fedsim.options import ConfigError
 from fedsim.plugins import make_attack, make_defense
-from fedsim.protocol import Protocol, observation
+from fedsim.protocol import Protocol, observation, weighted_mean
 from fedsim.training import client_examples, local_update
 
 GALLERY_SIZE = 256  # public images in the identifiability gallery
@@ -48,6 +49,7 @@ class Setting:
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.protocol = Protocol.of(cfg)
+        self._trajectory: dict[int, dict[str, torch.Tensor]] = {}  # round -> global weights after it
 
     @cached_property
     def data(self):
@@ -90,6 +92,23 @@ class Setting:
         update = local_update(self.protocol, self.task, self.defense, images.to(self.task.device),
                               labels.to(self.task.device), params, generator, (self.cfg.seed, round_, client))
         return {n: g.detach().cpu() for n, g in update.items()}, len(labels)
+
+    def global_weights(self, round_: int) -> dict[str, torch.Tensor]:
+        """The global model at the start of a round as the run's server computes it: the initial
+        weights, then, round after round, the step along the example-weighted mean of every
+        client's defended update (each computed by `client_update`, as its ClientApp would).
+        Needs every client in every round (--fraction 1: Flower samples the others at random);
+        defenses that act in Flower's protocol (flower-dp, secagg) are not replayed here."""
+        if round_ > 1 and self.protocol.sampled_clients != self.cfg.clients:
+            raise ConfigError(f"the global model after round 1 is re-derived from every client's update; "
+                              f"--fraction {self.cfg.fraction} samples clients at random (use --fraction 1)")
+        weights = {n: p.detach().cpu() for n, p in self.task.trainable().items()}
+        for done in range(1, round_):
+            if done not in self._trajectory:
+                updates = [self.client_update(done, c, weights) for c in range(self.cfg.clients)]
+                self._trajectory[done] = self.protocol.next_weights(weights, weighted_mean(updates))
+            weights = self._trajectory[done]
+        return weights
 
     # -- what the server sees --------------------------------------------------------------------
     def observe(self, round_: int = 1, client: int = 0,
@@ -155,7 +174,7 @@ def aggregate(observations: list[Observation]) -> Observation:
     Formed from plain observations, offline; a run under
     `--defense secagg` gets it from Flower's SecAgg+ (fedsim.secagg)."""
     first, total = observations[0], sum(o.batch_size for o in observations)
-    update = {n: sum(o.update[n] * (o.batch_size / total) for o in observations) for n in first.update}
+    update = weighted_mean([(o.update, o.batch_size) for o in observations])
     return Observation(round=first.round, client=-1, kind=first.kind, update=update,
                        global_params=first.global_params, batch_size=total, lr=first.lr,
                        local_steps=first.local_steps, model_spec=first.model_spec,

@@ -115,6 +115,71 @@ def accuracy_plot(metrics: pd.DataFrame) -> str | None:
     return figure_uri(fig)
 
 
+def audit_context(audit: pd.DataFrame, results: pd.DataFrame) -> dict[str, Any] | None:
+    """The I2F audit (`fedsim audit`, audit.csv) of a run directory: per client, with the error the
+    run's attack measured on the same client and round where there is one; per class; Spearman's
+    rho between predicted and measured error when at least 3 clients have both."""
+    needed = {"round", "client", "label", "space", "i2f", "rel_error", "rmse_pred", "psnr_pred", "reliable",
+              "perturbation"}
+    if audit.empty or not needed <= set(audit):  # none, or not an audit.csv fedsim wrote: show the rest
+        return None
+    from fedsim.audit import summary
+
+    merged = audit
+    ok = results[results["status"] == "ok"] if "status" in results else results.iloc[0:0]
+    if len(ok) and {"round", "client", "mse", "psnr"} <= set(ok):
+        measured = ok[["round", "client", "psnr"]].assign(rmse=ok["mse"] ** 0.5)
+        merged = audit.merge(measured, on=["round", "client"], how="left")
+    has_measured = "rmse" in merged and merged["rmse"].notna().sum() >= 3
+    rho = None
+    if has_measured:
+        from scipy.stats import spearmanr
+
+        both = merged.dropna(subset=["rmse", "rel_error"])
+        rho = float(spearmanr(both["rel_error"], both["rmse"]).statistic)
+    per_class = summary(audit)["per_class"].reset_index()
+    rows = [{"round": int(r["round"]), "client": int(r["client"]), "label": int(r["label"]), "space": r["space"],
+             "i2f": fmt(r["i2f"], "{:.4g}"), "rel_error": fmt(r["rel_error"], "{:.3g}"),
+             "rmse_pred": fmt(r["rmse_pred"], "{:.4f}"), "psnr_pred": fmt(r["psnr_pred"], "{:.1f}"),
+             "reliable": bool(r["reliable"]), "psnr": fmt(r.get("psnr"), "{:.1f}")}
+            for _, r in merged.sort_values(["round", "client"]).iterrows()]
+    return {"rows": rows, "measured": "psnr" in merged, "rho": rho, "pairs": int(merged["rmse"].notna().sum())
+            if "rmse" in merged else 0, "perturbation": str(audit["perturbation"].iloc[0]),
+            "reliable": float(audit["reliable"].mean()),
+            "per_class": [{"space": r["space"], "label": int(r["label"]), "clients": int(r["clients"]),
+                           "i2f": fmt(r["i2f"], "{:.4g}"), "rmse_pred": fmt(r["rmse_pred"], "{:.4f}"),
+                           "psnr_pred": fmt(r["psnr_pred"], "{:.1f}")} for _, r in per_class.iterrows()],
+            "plot": audit_plot(merged, has_measured)}
+
+
+def audit_plot(merged: pd.DataFrame, has_measured: bool) -> str:
+    """Predicted relative error per class (median, with every client as a dot): which classes the
+    defense protects least; beside it, predicted against measured error when the run has both."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2 if has_measured else 1, figsize=(10 if has_measured else 5.5, 3), squeeze=False)
+    ax = axes[0][0]
+    classes = sorted(merged["label"].unique())
+    medians = [merged.loc[merged["label"] == c, "rel_error"].median() for c in classes]
+    ax.bar(range(len(classes)), medians, color="#1f6feb", alpha=0.6, label="median")
+    for i, c in enumerate(classes):
+        values = merged.loc[merged["label"] == c, "rel_error"]
+        ax.plot([i] * len(values), values, "o", color="#0b3d91", ms=3)
+    ax.set_xticks(range(len(classes)), [str(c) for c in classes])
+    ax.set_yscale("log")
+    ax.set_xlabel("client's main class")
+    ax.set_ylabel("predicted error / |input|")
+    ax.set_title("I2F: smaller = leaks more")
+    if has_measured:
+        ax = axes[0][1]
+        ax.scatter(merged["rel_error"], merged["rmse"], color="#cf222e", s=14)
+        ax.set_xscale("log")
+        ax.set_xlabel("I2F predicted error / |input|")
+        ax.set_ylabel("attack's measured pixel RMSE")
+        ax.set_title("prediction vs this run's attack")
+    fig.tight_layout()
+    return figure_uri(fig)
+
+
 def run_context(out: Path) -> dict[str, Any]:
     """Everything the run page shows, read from the run's directory."""
     out = Path(out)
@@ -137,7 +202,12 @@ def run_context(out: Path) -> dict[str, Any]:
     gallery.sort(key=lambda g: (g["round"], g["client"]))
     numbers = shared_numbers(out)
     epsilon = {c: metrics[c].iloc[-1] for c in ("epsilon", "epsilon_client") if c in metrics and len(metrics)}
-    return {"title": f"fedsim run: {config.get('attack', '?')} against {config.get('defense', 'none')}",
+    audit = audit_context(read_csv(out / "audit.csv"), results)
+    if audit is not None and results.empty:
+        title = f"fedsim audit: predicted leakage under {config.get('defense', 'none')}"
+    else:
+        title = f"fedsim run: {config.get('attack', '?')} against {config.get('defense', 'none')}"
+    return {"title": title, "audit": audit,
             "config": config, "summary": summary_rows(results) if len(results) else [],
             "gallery": gallery, "failures": [g for g in gallery if g["status"] == "failed"],
             "numbers": numbers[0] if numbers else None, "tensors": numbers[1] if numbers else {},
@@ -264,7 +334,8 @@ def write_page(directory: Path) -> Path:
         for trial in sorted((directory / "trials").glob("*/results.csv")):
             write_run_page(trial.parent)
         return write_sweep_page(directory)
-    if (directory / "results.csv").exists() or (directory / "config.yaml").exists():
+    if any((directory / name).exists() for name in ("results.csv", "config.yaml", "audit.csv")):
         return write_run_page(directory)
-    raise FileNotFoundError(f"{directory} is neither a run directory (results.csv, config.yaml) nor a sweep "
+    raise FileNotFoundError(f"{directory} is neither a run or audit directory (results.csv, config.yaml, "
+                            "audit.csv) nor a sweep "
                             "directory (results.parquet, trials/)")

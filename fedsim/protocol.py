@@ -77,6 +77,12 @@ class Protocol:
         return {n: (r - weights[n]) / self.step_scale for n, r in replied.items()}
 
 
+def weighted_mean(updates: list[tuple[Params, int]]) -> Params:
+    """The example-weighted average of (update, examples) pairs: what FedAvg's server aggregates."""
+    total = sum(n for _, n in updates)
+    return {name: sum(u[name] * (n / total) for u, n in updates) for name in updates[0][0]}
+
+
 def pseudo_gradient(kind: str, update: Params, lr: float, steps: int) -> Params:
     """An update as a gradient: itself, or a delta's -delta / (lr * steps)."""
     if kind == "gradient":

@@ -137,3 +137,62 @@ def test_fedsim_audit_writes_audit_csv_and_refuses_bad_input(tmp_path):
     bad = CliRunner().invoke(app, ["audit", "--model", "lenet", "--peft", "full", "--dp-noise", "nan",
                                    "--defense", "dp"], env={"COLUMNS": "200"})
     assert bad.exit_code == 2 and "--dp-noise must be a finite number" in bad.output
+
+
+def test_audit_of_later_rounds_follows_the_runs_global_model(tmp_path):
+    """Round 2 is audited at the weights the run's server reaches: the same as the global
+    parameters a real (in-process) run saved with its round-2 observations."""
+    from fedsim.runner import run
+
+    cfg = RunConfig(clients=2, rounds=2, model="lenet", peft="full", attack="dlg", attack_iters=1,
+                    engine="inprocess", out=str(tmp_path / "run"))
+    run(cfg)
+    saved = torch.load(tmp_path / "run" / "observations" / "round2_client1.pt", weights_only=True)
+    replayed = Setting(cfg, device="cpu").global_weights(2)
+    initial = Setting(cfg, device="cpu").global_weights(1)
+    for name, value in saved["global_params"].items():
+        assert torch.allclose(replayed[name], value, atol=1e-6), name
+        assert not torch.allclose(initial[name], value, atol=1e-6), name  # the check can fail
+    frame = audit(Setting(cfg, device="cpu"), noise=1e-3)
+    assert sorted(zip(frame["round"], frame["client"])) == [(1, 0), (1, 1), (2, 0), (2, 1)]
+
+
+def test_later_rounds_need_every_client():
+    setting = Setting(RunConfig(clients=4, rounds=2, fraction=0.5, model="lenet", peft="full", attack="none"),
+                      device="cpu")
+    with pytest.raises(Exception, match="--fraction 0.5"):
+        audit(setting, noise=1e-3)
+
+
+def test_audit_into_a_finished_run_adds_to_its_page(tmp_path):
+    """`fedsim audit --out RUN` keeps the run's files, adds audit.csv and the audit section to its
+    report page, with the rank correlation against the run's own measured errors."""
+    from typer.testing import CliRunner
+
+    from fedsim.cli import app
+
+    out = tmp_path / "run"
+    common = ["--model", "lenet", "--peft", "full", "--clients", "3", "--out", str(out)]
+    ran = CliRunner().invoke(app, ["run", *common, "--attack", "dlg", "--attack-iters", "2", "--engine",
+                                   "inprocess"], env={"COLUMNS": "200"})
+    assert ran.exit_code == 0, ran.output
+    config = (out / "config.yaml").read_text()
+    audited = CliRunner().invoke(app, ["audit", *common, "--audit-noise", "1e-3"], env={"COLUMNS": "200"})
+    assert audited.exit_code == 0, audited.output
+    assert (out / "config.yaml").read_text() == config and (out / "audit_config.yaml").exists()
+    page = (out / "report.html").read_text()
+    assert 'id="audit"' in page and 'id="audit-rho"' in page and "Reconstructions" in page
+    assert "audit noise: Gaussian std 0.001" in page
+
+
+def test_an_audit_alone_gets_its_own_page(tmp_path):
+    from fedsim.pages import write_page
+
+    out = tmp_path / "audit"
+    out.mkdir()
+    setting = Setting(RunConfig(clients=2, model="lenet", peft="full", attack="none"), device="cpu")
+    audit(setting, noise=1e-3).to_csv(out / "audit.csv", index=False)
+    page = write_page(out).read_text()
+    assert "fedsim audit: predicted leakage" in page and 'id="audit"' in page and "What leaked" not in page
+    (out / "audit.csv").write_text("not,an\naudit,file\n")  # a foreign file: the page shows the rest
+    assert 'id="audit"' not in write_page(out).read_text()
