@@ -40,8 +40,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import grad, jvp, vjp, vmap
 
+from attacks.label_counts import CountEstimator
 from attacks.label_search import (
     HALVING,
+    SHORTLIST_HALVING,
     aligned_starts,
     candidate_label_sets,
     count_label_sets,
@@ -49,6 +51,7 @@ from attacks.label_search import (
     successive_halving,
 )
 from attacks.objectives import cosine_distance
+from attacks.separation import separate
 from fedsim.task import Params, Task, second_order_attention
 
 
@@ -132,8 +135,8 @@ def pursue(atoms: torch.Tensor, g: torch.Tensor, batch: int) -> list[tuple[int, 
 
 def text_side(task: Task, params: Params, update: Params, batch: int, public_embeddings: torch.Tensor,
               jacobian: TextJacobian | None = None, public_labels: torch.Tensor | None = None,
-              candidates: int = 8, good_enough: float = 1e-4, max_label_sets: int = 1024,
-              schedule=HALVING, progress=None):
+              candidates: int = 8, good_enough: float = 1e-4, max_label_sets: int = 64,
+              ranked_sets: int = 64, schedule=HALVING, progress=None, memo: dict | None = None):
     """(labels [B], unit-norm embeddings [B, D], diagnostics) from a text-side PEFT gradient.
 
     Candidate label sets are fitted on the exact model (`attacks.label_search`) and the lowest
@@ -141,20 +144,25 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
     - batch 1: the least-squares start where J^T is injective and, unless it fits to
       `good_enough`, the `candidates` (public embedding, label) atoms best aligned with g, each
       fitted `SINGLE_STEPS` LM steps;
-    - batch B: the greedy pursuit's set, then by successive halving over `schedule` every set
-      of B distinct labels if there are at most `max_label_sets`, and separately every multiset
-      that repeats a label if there are at most `max_label_sets` multisets in all (beyond that,
-      batches that repeat a label are out of reach). Each set starts twice: from the public
+    - batch B: the greedy pursuit's set, then by successive halving over `schedule`, if there
+      are at most `max_label_sets` multisets, every set of B distinct labels and, separately,
+      every multiset that repeats a label; beyond that, the `ranked_sets` multisets closest to
+      the label-count step's estimate (`attacks.label_counts`, given `public_labels`), or its
+      single closest where the update has no more numbers than the B embeddings have unknowns
+      (B (D - 1)): there every set fits and the fit cannot choose (`memo`, kept by the caller for
+      the round, holds the count step's regression). Each set starts twice: from the public
       embeddings whose single-image atoms, for its labels, align best with g, and from those
       whose atoms jointly explain g best (public images of the label's own class only, given
       `public_labels`)."""
     names = [n for n in update if n in params]
     jac = jacobian or TextJacobian(task, params, names)
+    memo = {} if memo is None else memo  # what the caller keeps for the round (`MIP.round_state`)
     g = flat_update(update, names)
     scale = task.model.clip.logit_scale.exp().double()
     pub = public_embeddings.to(g.device, torch.float64)
     C, D = jac.text.shape
     tried = []  # (label sets [S, B], their relative residuals [S], their embeddings [S, B, D])
+    info_counts = None  # the label-count step's estimate, where it ran
 
     def consider(label_sets: torch.Tensor, Z: torch.Tensor, plan) -> float:
         """Fit these candidates from these starts; the lowest residual so far."""
@@ -182,28 +190,44 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
         atoms = per_example_atoms(jac, scale, pub)  # [N, C, P]
         scores = aligned(atoms)
         picks = pursue(atoms, g, batch)
-        consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None], schedule)
+        if g.numel() > batch * (D - 1):  # where the fit can tell label sets apart
+            consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None], schedule)
         allowed = torch.ones_like(scores, dtype=torch.bool)
         if public_labels is not None:  # a label's starts come from its own public images
             allowed = public_labels.to(scores.device)[:, None] == torch.arange(C, device=scores.device)
         ranked = [scores[:, c].masked_fill(~allowed[:, c], -2.0).argsort(descending=True)[:batch] for c in range(C)]
-        # Two pools, each halved on its own: a distinct-label set that converges late is not cut
-        # for the sake of the many multisets (a repeat of one of its labels often fits early).
         pools = []
-        if count_label_sets(C, batch, distinct=True) <= max_label_sets:
-            pools.append(candidate_label_sets(C, batch, distinct=True))
         if count_label_sets(C, batch, distinct=False) <= max_label_sets:
+            # Two pools, each halved on its own: a distinct-label set that converges late is not cut
+            # for the sake of the many multisets (a repeat of one of its labels often fits early).
+            pools.append(candidate_label_sets(C, batch, distinct=True))
             every = candidate_label_sets(C, batch, distinct=False)  # sorted: a repeat sits next to its twin
             pools.append(every[(every[:, 1:] == every[:, :-1]).any(1)])
+        elif public_labels is not None:
+            # Too many multisets to fit them all: the label-count step ranks them, and the fit
+            # decides among the closest. Where the update holds fewer numbers than the embeddings
+            # have unknowns, every set fits it; the counts alone decide (the closest set).
+            if batch not in memo.setdefault("counts", {}):  # the same for every client of a round
+                own = atoms[torch.arange(len(pub)), public_labels.to(atoms.device)]
+                memo["counts"][batch] = CountEstimator(own, public_labels, batch)
+            counts = memo["counts"][batch]
+            shortlist = counts.ranked(g, ranked_sets if g.numel() > batch * (D - 1) else 1)
+            info_counts = [round(float(c), 2) for c in counts.estimate(g)]
+            pools.append(shortlist)
+        else:
+            pools.append(candidate_label_sets(C, batch, distinct=True)[:max_label_sets])
         for sets in pools:
             first = aligned_starts(sets, ranked)
             matched = matched_starts(sets, atoms, g, allowed, first)
-            consider(torch.cat([sets, sets]), pub[torch.cat([first, matched])], schedule)
+            consider(torch.cat([sets, sets]), pub[torch.cat([first, matched])],
+                     SHORTLIST_HALVING if info_counts is not None else schedule)
     sets, residuals, Z = (torch.cat(parts) for parts in zip(*tried))
     best = int(residuals.argmin())
     as_sets = sets.sort(dim=1).values
     info = {"relative_residual": float(residuals[best]), "label_sets_tried": len(as_sets.unique(dim=0)),
             "fits": len(sets)}
+    if info_counts is not None:
+        info["label_counts"] = info_counts
     other = (as_sets != as_sets[best]).any(1)
     if other.any():  # how well the best other label set fits: the margin of the labels
         info["runner_up_residual"] = float(residuals[other].min())
@@ -211,9 +235,15 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
 
 
 def head_side(task: Task, params: Params, update: Params, batch: int, weight_name: str,
-              iterations: int = 300, restarts: int = 8, generator: torch.Generator | None = None):
+              iterations: int = 300, restarts: int = 8, generator: torch.Generator | None = None,
+              public_features: torch.Tensor | None = None):
     """(labels [B], image-tower feature directions [B, D], diagnostics) from the gradient of a
-    weight that multiplies the tower's output (CLIP-Adapter's first layer, a linear probe)."""
+    weight that multiplies the tower's output (CLIP-Adapter's first layer, a linear probe).
+
+    Batch 1: the top right singular vector, sign and label by the exact head's gradient. Batch B:
+    the examples are separated by their per-example span test (`attacks.separation`, from
+    `public_features`, the public images' tower outputs, as starts); what it leaves is fitted by
+    gradient matching in the rest's row space (soft labels, `restarts` seeded starts)."""
     W = update[weight_name].double()
     _, S, Vh = torch.linalg.svd(W, full_matrices=False)
     C = task.num_classes
@@ -227,7 +257,23 @@ def head_side(task: Task, params: Params, update: Params, batch: int, weight_nam
         loss, sign, label = min(candidates)
         return (torch.tensor([label]), (sign * Vh[0]).float().view(1, -1),
                 {"gradient_loss": loss, "rank_gap": float(S[1] / S[0]) if len(S) > 1 else 0.0})
-    return _fit_head_batch(task, params, update, Vh[:batch].float(), batch, iterations, restarts, generator)
+    found, rest, info = [], update, {}
+    weights = task.model.rank_one_weights
+    if public_features is not None and weights:
+        found, rest, info = separate(task, params, update, batch, public_features, weight_name, weights,
+                                     generator=generator)
+    labels = torch.tensor([y for _, y in found], dtype=torch.long)
+    features = torch.stack([f for f, _ in found]) if found else torch.zeros(0, W.shape[1])
+    missing = batch - len(found)
+    if missing:
+        span = torch.linalg.svd(rest[weight_name].double(), full_matrices=False)[2][:missing].float()
+        more_labels, more, fit_info = _fit_head_batch(task, params, rest, span, missing, iterations, restarts,
+                                                      generator)
+        labels, features = torch.cat([labels, more_labels]), torch.cat([features, more])
+        info.update(fit_info)
+    else:  # every example found: how well they explain the whole update
+        info["gradient_loss"] = float(cosine_distance(head(params, features, labels), update))
+    return labels, features, info
 
 
 def _fit_head_batch(task, params, target, span, batch, iterations, restarts, generator):

@@ -29,6 +29,9 @@ CHUNK_FLOATS = 2**26  # float64 entries of the label sets' Jacobians held at onc
 # two starts each) the true set ranked at worst 25th of the 420 candidates after the first round
 # in 20 probe batches (README, MIP); the later rounds fit a handful to convergence.
 HALVING = ((10, 128), (20, 32), (40, 8), (100, None))
+# The same for the label-count step's shortlist (`attacks.label_counts`): a few dozen sets, two
+# starts each, already ranked; at batch 4 it keeps the labels and takes a fifth of the steps.
+SHORTLIST_HALVING = ((10, 32), (30, 8), (100, None))
 
 
 def induced_residual(jac, scale: torch.Tensor, g: torch.Tensor, onehot: torch.Tensor,

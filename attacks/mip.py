@@ -73,6 +73,7 @@ class MIP(Attack):
         self.public_labels = public_labels
         self._decoder = None
         self._round: dict | None = None
+        self._features: torch.Tensor | None = None  # the public images' tower outputs (head route)
 
     @classmethod
     def from_knowledge(cls, knowledge: AttackerKnowledge, options=None, progress=None) -> "MIP":
@@ -106,6 +107,15 @@ class MIP(Attack):
             self._round = {"key": key, "public": public, "jacobian": TextJacobian(task, params, names)}
         return self._round
 
+    def public_features(self, task: Task) -> torch.Tensor:
+        """The public images' image-tower outputs [N, D] (the tower is frozen on the head route:
+        computed once), the starts of the batch separation."""
+        if self._features is None:
+            with torch.no_grad():
+                self._features = torch.cat([task.model.encode_image(x.to(task.device))
+                                            for x in self.public_images.split(256)]).cpu()
+        return self._features
+
     def recover_embeddings(self, observation: Observation, task: Task):
         """(labels [B], tower-output directions [B, D], diagnostics), or None on the tower route
         (where there is no embedding to recover: see `reconstruct`)."""
@@ -114,14 +124,18 @@ class MIP(Attack):
         B = observation.batch_size
         if route == "head":
             gen = torch.Generator().manual_seed(self.seed)
-            labels, features, info = head_side(task, params, update, B, task.model.feature_weight, generator=gen)
+            labels, features, info = head_side(task, params, update, B, task.model.feature_weight, generator=gen,
+                                               public_features=self.public_features(task) if B > 1 else None)
         elif route == "text":
             state = self.round_state(task, params, list(update))
             labels, features, info = text_side(task, params, update, B, state["public"], jacobian=state["jacobian"],
-                                               public_labels=self.public_labels, progress=self.progress)
+                                               public_labels=self.public_labels, progress=self.progress,
+                                               memo=state)
         else:
             return None
-        return labels, features.to(task.device), {"route": route, **info}
+        # the information budget: numbers the update carries against the embeddings' unknowns
+        budget = {"update_numbers": sum(u.numel() for u in update.values()), "unknowns": B * features.shape[1]}
+        return labels, features.to(task.device), {"route": route, **budget, **info}
 
     def images_from(self, task: Task, features: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Step 3 under the prior: decoder output (or the public mean image), then refinement."""

@@ -164,8 +164,8 @@ class Scorer:
     @staticmethod
     def result(metrics: dict[str, Any], recon) -> dict[str, Any]:
         """A successful attack's results columns: its metrics and what the attack reports."""
-        return {**metrics, "gradient_loss": recon.extras.get("gradient_loss"), "prior": recon.extras.get("prior"),
-                "status": "ok"}
+        return {**metrics, **{key: recon.extras.get(key) for key in ("gradient_loss", "prior", "update_numbers",
+                                                                      "unknowns")}, "status": "ok"}
 
 
 def aggregate(observations: list[Observation]) -> Observation:

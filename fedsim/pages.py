@@ -20,6 +20,7 @@ import pandas as pd
 import yaml
 
 from fedsim.options import declared
+from fedsim.report import budget_line
 
 PAGE = "report.html"
 METRIC_COLUMNS = (("label_acc", "labels", "{:.0%}"), ("psnr", "PSNR dB", "{:.1f}"), ("ssim", "SSIM", "{:.3f}"),
@@ -210,6 +211,7 @@ def run_context(out: Path) -> dict[str, Any]:
     return {"title": title, "audit": audit,
             "config": config, "summary": summary_rows(results) if len(results) else [],
             "gallery": gallery, "failures": [g for g in gallery if g["status"] == "failed"],
+            "budget": budget_line(results) if len(results) else None,
             "numbers": numbers[0] if numbers else None, "tensors": numbers[1] if numbers else {},
             "epsilon": epsilon, "delta": metrics["delta"].iloc[-1] if "delta" in metrics and len(metrics) else None,
             "accuracy": list(zip(metrics["round"], metrics["accuracy"])) if "accuracy" in metrics else [],

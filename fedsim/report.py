@@ -14,8 +14,8 @@ from rich.table import Table
 
 RESULT_COLUMNS = ["round", "client", "attack", "defense", "peft", "model", "dataset", "batch_size",
                   "epsilon", "epsilon_client", "label_acc", "mse", "psnr", "ssim", "lpips", "ident_pixel",
-                  "ident_feature", "emb_cos", "emb_cos_centred", "prior", "gradient_loss", "seconds", "status",
-                  "error"]
+                  "ident_feature", "emb_cos", "emb_cos_centred", "prior", "gradient_loss", "update_numbers",
+                  "unknowns", "seconds", "status", "error"]
 
 
 class ResultsWriter:
@@ -80,12 +80,28 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else spec.format(value)
 
 
+def budget_line(results) -> str | None:
+    """The information budget of an attack that reports one (MIP): the numbers each update carries
+    against the unknowns it must recover (batch x embedding width); fewer numbers than unknowns
+    means the update cannot pin the embeddings down, whatever the attack."""
+    if "unknowns" not in results or results["unknowns"].isna().all():
+        return None
+    row = results.dropna(subset=["unknowns"]).iloc[0]
+    numbers, unknowns = int(row["update_numbers"]), int(row["unknowns"])
+    verdict = "under-determined" if numbers < unknowns else "determined"
+    return (f"information budget: each update carries {numbers:,} numbers for {unknowns:,} unknowns "
+            f"(batch {int(row['batch_size'])} x embedding width): {numbers / unknowns:.2g} per unknown, {verdict}")
+
+
 def print_result(console, result) -> None:
     """A run's closing summary on the terminal: the results table, global accuracy, privacy spent,
     where the time went, and where the files are (a fedsim.runner.RunResult)."""
     results, metrics, timings, cfg = result.results, result.metrics, result.timings, result.config
     if len(results):
         console.print(summary_table(results))
+        budget = budget_line(results)
+        if budget:
+            console.print(budget)
     if len(metrics):
         console.print(f"global accuracy on the held-out public split: {metrics['accuracy'].iloc[0]:.1%} before "
                       f"round 1, {metrics['accuracy'].iloc[-1]:.1%} after round {int(metrics['round'].iloc[-1])}")

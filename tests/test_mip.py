@@ -317,3 +317,59 @@ def test_text_adapter_gradient_gives_label_and_embedding_through_the_attack():
     labels, z, info = mip_attack(cfg).recover_embeddings(obs, task)
     assert labels.tolist() == y.tolist() and info["relative_residual"] < 1e-4
     assert F.cosine_similarity(z, true_embeddings(task, x)).item() > 0.99
+
+
+def test_adapter_batch_with_a_repeated_label_is_separated_exactly():
+    """Batch 4 on CLIP-Adapter, two images of one class: the span test finds every tower output
+    and its label, and explains the update to its float32 rounding."""
+    cfg, data, spec, task = setup("adapter")
+    labels = data.private.labels
+    first, second = (labels == 3).nonzero()[:2, 0].tolist()
+    idx = [first, second, int((labels == 5).nonzero()[0]), int((labels == 8).nonzero()[0])]
+    x, y = data.private.images[idx], labels[idx]
+    obs = observe(cfg, spec, task, x, y)
+    attack = mip_attack(cfg)
+    found, features, info = head_side(task, task.trainable(), obs.update, 4, task.model.feature_weight,
+                                      generator=torch.Generator().manual_seed(0),
+                                      public_features=attack.public_features(task))
+    assert info["separated"] == 4 and info["unexplained"] < 1e-4
+    with torch.no_grad():
+        truth = F.normalize(task.model.encode_image(x), dim=-1)
+    cos = F.normalize(features, dim=-1) @ truth.T
+    match = cos.argmax(1)
+    assert sorted(match.tolist()) == [0, 1, 2, 3] and cos.max(1).values.min() > 0.999
+    assert found.tolist() == y[match].tolist()  # each found direction carries its own label
+
+
+def test_count_estimator_reads_counts_of_a_linear_model_and_ranks_the_true_set_first():
+    from attacks.label_counts import CountEstimator, neighbours, rounded
+
+    gen = torch.Generator().manual_seed(0)
+    classes, batch, per_class = 5, 6, 40
+    directions = torch.randn(classes, 30, generator=gen)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    atoms = directions[labels] + 0.05 * torch.randn(len(labels), 30, generator=gen)
+    estimator = CountEstimator(atoms, labels, batch, sims=4000, ridge=1e-4, generator=gen)
+    true = torch.tensor([0, 0, 0, 2, 4, 4])
+    g = directions[true].mean(0)
+    assert torch.allclose(estimator.estimate(g), torch.tensor([3.0, 0, 1, 0, 2], dtype=torch.float64), atol=0.3)
+    assert estimator.ranked(g, 3)[0].tolist() == true.tolist()
+    assert rounded(torch.tensor([2.6, -0.3, 0.9, 0.1, 2.2]), 6).tolist() == [0, 0, 0, 2, 4, 4]
+    near = neighbours(true, classes, changes=1)
+    assert len(near) == len({tuple(s) for s in near.tolist()}) and true.tolist() in near.tolist()
+    assert all(int((F.one_hot(s, classes).sum(0) - F.one_hot(true, classes).sum(0)).abs().sum()) <= 2
+               for s in near)
+
+
+def test_coop_batch_beyond_the_exhaustive_search_goes_through_the_label_counts(coop_round):
+    """Batch 3 has 220 label multisets: the count step shortlists them and the fit picks the set."""
+    cfg, data, spec, task, jac, public = coop_round
+    labels = data.private.labels
+    idx = [int((labels == 1).nonzero()[0]), int((labels == 1).nonzero()[1]), int((labels == 7).nonzero()[0])]
+    obs = observe(cfg, spec, task, data.private.images[idx], labels[idx])
+    memo = {}
+    found, _, info = text_side(task, task.trainable(), obs.update, 3, public, jacobian=jac,
+                               public_labels=data.public.labels, memo=memo)
+    assert "label_counts" in info and 3 in memo["counts"]  # the regression is kept for the round
+    assert info["label_sets_tried"] <= 65  # the shortlist and the pursuit's set, not all 220
+    assert sorted(found.tolist()) == [1, 1, 7]

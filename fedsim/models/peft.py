@@ -94,6 +94,12 @@ class CLIPClassifier(nn.Module):
         any (its gradient is a sum of outer products with the batch's features)."""
         return None
 
+    @property
+    def rank_one_weights(self) -> tuple[str, ...]:
+        """Trainable weights that act on one example at a time, so that each example's gradient
+        of them is an outer product (`feature_weight` first): the batch gradient has rank B."""
+        return ()
+
 
 def check_prompts_fit(tokenizer, prompts: list[str], n_ctx: int) -> None:
     """Refuse prompts longer than the text encoder's context: the tokenizer would silently cut
@@ -187,6 +193,10 @@ class CLIPAdapter(CLIPClassifier):
     def feature_weight(self):
         return "image_adapter.fc1.weight" if self.image_adapter is not None else None
 
+    @property
+    def rank_one_weights(self):
+        return ("image_adapter.fc1.weight", "image_adapter.fc2.weight") if self.image_adapter is not None else ()
+
 
 class VisualPrompt(CLIPClassifier):
     """VPT-shallow (Jia et al., ECCV 2022, arXiv 2203.12119): `n_tokens` learnable tokens are
@@ -228,6 +238,10 @@ class LinearProbe(CLIPClassifier):
     @property
     def feature_weight(self):
         return "head.weight"
+
+    @property
+    def rank_one_weights(self):
+        return ("head.weight",)
 
 
 class FullFineTune(CLIPClassifier):
