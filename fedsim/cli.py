@@ -347,11 +347,9 @@ def demo(
 @app.command("pretrain")
 def pretrain_tiny_clip(rebuild: bool = typer.Option(False, help="train again even if a checkpoint is cached")) -> None:
     """Build (or find) the pre-trained tiny CLIP checkpoint that --pretrained fedsim loads."""
-    from fedsim.models.pretrain import checkpoint_path, ensure_pretrained
+    from fedsim.models.pretrain import ensure_pretrained
 
-    if rebuild:
-        checkpoint_path().unlink(missing_ok=True)
-    console.print(f"tiny CLIP checkpoint: {ensure_pretrained(console=console)}")
+    console.print(f"tiny CLIP checkpoint: {ensure_pretrained(console=console, rebuild=rebuild)}")
 
 
 @app.command("models")
@@ -388,13 +386,15 @@ def attack_file(
     out: Path = typer.Option(Path("replay.png"), help="where to save the reconstructed images"),
     dataset: str = typer.Option("", help="the server's public split (MIP's priors learn from it); default: "
                                 "the run's config.yaml next to the observations folder, else digits"),
+    pretrained: str = typer.Option(None, help="the checkpoint to build the model from, where the observation "
+                                   "names a file (a replayed file never chooses what is loaded)"),
 ) -> None:
     """Replay a saved observation: run an attack on it offline, built from the same knowledge the
     run's server had, and save the reconstruction."""
     from fedsim.replay import replay
 
     try:
-        replay(observation, attack, attack_iters, attack_seed, out, console, dataset or None)
+        replay(observation, attack, attack_iters, attack_seed, out, console, dataset or None, pretrained)
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None

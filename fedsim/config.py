@@ -133,14 +133,14 @@ class RunConfig:
         from fedsim.plugins import attack_names, defense_names
 
         self.validate_data()
-        _positive(self, "rounds", "n_ctx", "adapter_reduction", "lora_rank", "vpt_tokens", "local_steps")
-        _finite(self, "lr", "fraction", "adapter_ratio", "lora_alpha")
+        _positive(self, "rounds", "local_steps")
+        _finite(self, "lr", "fraction")
         _choice("protocol", self.protocol, PROTOCOLS)
         if self.local_epochs < 0:
             raise ConfigError(f"--local-epochs must be >= 0, got {self.local_epochs}")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
-        self._validate_model()
+        self.validate_model()
         _choice("attack", self.attack, ["none", *attack_names()])
         chain = [n.strip() for n in self.defense.split(",")]
         for name in chain:
@@ -208,7 +208,11 @@ class RunConfig:
             raise ConfigError("--dataset imagefolder needs --data-root DIR, a folder with one "
                               "sub-folder of images per class")
 
-    def _validate_model(self) -> None:
+    def validate_model(self) -> None:
+        """The checks on the fields that describe the model (a replayed observation's too)."""
+        self.validate_types()
+        _positive(self, "n_ctx", "adapter_reduction", "lora_rank", "vpt_tokens")
+        _finite(self, "adapter_ratio", "lora_alpha")
         if self.model_seed < 0:
             raise ConfigError(f"--model-seed must be >= 0, got {self.model_seed}")
         if self.model in CLASSIC_MODELS:

@@ -9,6 +9,7 @@ loads with `torch.load(weights_only=True)`: tensors and plain values only, no pi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -60,8 +61,63 @@ class Observation:
             found = blob.get("format") if isinstance(blob, dict) else None
             old = f": it is format {found}, saved by an older fedsim; rerun the run" if found else ""
             raise ValueError(f"{path} is not a fedsim observation (format {FORMAT_VERSION}){old}")
-        return cls(update=blob["update"], global_params=blob["global_params"], **blob["meta"])
+        check_saved(blob, path)
+        meta = {**blob["meta"], "clients": tuple(blob["meta"]["clients"]), "lr": float(blob["meta"]["lr"])}
+        return cls(update=blob["update"], global_params=blob["global_params"], **meta)
 
     def meta(self) -> dict[str, Any]:
         """Everything but the tensors."""
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("update", "global_params")}
+
+
+META = {"round": int, "client": int, "kind": str, "batch_size": int, "lr": (int, float), "local_steps": int,
+        "model_spec": dict, "clients": (list, tuple)}  # a saved Observation's metadata and its types
+
+
+def check_saved(blob: dict, path) -> None:
+    """Validate a loaded observation file before anything is built from it (a replayed file is
+    untrusted input): its keys, each metadata value's type and range, and the tensors (names
+    alike in update and global parameters, same shapes, floating point, finite). Raises
+    ValueError naming what is wrong; the model description's own keys are checked on replay
+    (`fedsim.replay`), against the model it describes."""
+    def bad(message: str):
+        raise ValueError(f"{path} is not a valid observation: {message}")
+
+    if set(blob) != {"format", "meta", "update", "global_params"}:
+        bad(f"it holds {sorted(map(str, blob))}; expected format, meta, update, global_params")
+    meta = blob["meta"]
+    if not isinstance(meta, dict):
+        bad(f"its metadata is a {type(meta).__name__}, not a mapping")
+    if set(meta) != set(META):
+        unknown, missing = sorted(map(str, set(meta) - set(META))), sorted(set(META) - set(meta))
+        bad("metadata " + "; ".join(part for part in (f"unknown: {', '.join(unknown)}" if unknown else "",
+                                                      f"missing: {', '.join(missing)}" if missing else "") if part))
+    for key, kind in META.items():
+        value = meta[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            bad(f"metadata {key} is {value!r} ({type(value).__name__})")
+    if meta["kind"] not in UPDATE_KINDS:
+        bad(f"update kind {meta['kind']!r}; valid: {', '.join(UPDATE_KINDS)}")
+    for key, low in (("round", 1), ("client", -1), ("batch_size", 1), ("local_steps", 1)):
+        if meta[key] < low:
+            bad(f"metadata {key} is {meta[key]}; it must be >= {low}")
+    if not (math.isfinite(meta["lr"]) and meta["lr"] > 0):
+        bad(f"learning rate {meta['lr']!r}; it must be a finite number > 0")
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in meta["clients"]):
+        bad(f"clients {meta['clients']!r} must be client ids")
+    for part in ("update", "global_params"):
+        tensors = blob[part]
+        if not isinstance(tensors, dict) or not tensors:
+            bad(f"{part} is not a non-empty mapping of tensors")
+        for name, t in tensors.items():
+            if not isinstance(name, str) or not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                bad(f"{part}[{name!r}] is not a floating-point tensor")
+            if not bool(torch.isfinite(t).all()):
+                bad(f"{part}[{name!r}] holds NaN or infinite values")
+    if set(blob["update"]) != set(blob["global_params"]):
+        bad(f"update and global parameters name different tensors: "
+            f"{sorted(set(blob['update']) ^ set(blob['global_params']))}")
+    for name, t in blob["update"].items():
+        if t.shape != blob["global_params"][name].shape:
+            bad(f"update[{name!r}] has shape {list(t.shape)}, the global parameter "
+                f"{list(blob['global_params'][name].shape)}")

@@ -210,7 +210,7 @@ def run_context(out: Path) -> dict[str, Any]:
         title = f"fedsim run: {config.get('attack', '?')} against {config.get('defense', 'none')}"
     return {"title": title, "audit": audit,
             "config": config, "summary": summary_rows(results) if len(results) else [],
-            "gallery": gallery, "failures": [g for g in gallery if g["status"] == "failed"],
+            "gallery": gallery, "failures": [g for g in gallery if g["status"] in ("failed", "invalid")],
             "budget": budget_line(results) if len(results) else None,
             "numbers": numbers[0] if numbers else None, "tensors": numbers[1] if numbers else {},
             "epsilon": epsilon, "delta": metrics["delta"].iloc[-1] if "delta" in metrics and len(metrics) else None,

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedsim.accounting import Accounting
-from fedsim.config import RunConfig
+from fedsim.config import ConfigError, RunConfig
 from fedsim.evaluate import lpips_metric
 from fedsim.flower import make_client_app, make_server_app, quiet_flower, serve
 from fedsim.harness import Scorer, Setting, Truth
@@ -181,9 +181,16 @@ class CuriousServer:
 
     def _attack(self, obs: Observation) -> dict:
         start = time.perf_counter()
+        broken = [n for n, t in obs.update.items() if not bool(torch.isfinite(t).all())]
+        if broken:  # nothing to invert, and an attack on it could run forever: say so and go on
+            self.progress.attack_done()
+            return {"status": "invalid", "seconds": 0.0,
+                    "error": f"the update holds NaN or infinite values ({', '.join(broken[:3])})"}
         try:
             with single_cpu_thread(self.setting.task.device):
                 recon = self.attack.reconstruct(obs, self.setting.task)
+            if not bool(torch.isfinite(recon.images).all()):
+                raise FloatingPointError("the attack returned NaN or infinite pixels")
             truth = self.setting.truth(obs.round, obs.clients or (obs.client,))
             metrics, order = self.scorer.score(obs, recon, truth)
             self.recorder.reconstruction(obs, recon, order, truth)
@@ -214,11 +221,49 @@ def single_cpu_thread(device):
         torch.set_num_threads(before)
 
 
+LOCK = ".fedsim.lock"
+
+
+@contextmanager
+def output_lock(out: Path):
+    """Hold OUT/.fedsim.lock (the holder's pid) for the run: a second run into the same --out is
+    refused while the first is alive; a lock left by a process that died is taken over."""
+    path = out / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                holder = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                holder = 0
+            if holder and holder != os.getpid() and _alive(holder):
+                raise ConfigError(f"--out {out} is in use by another fedsim run (pid {holder}); wait for it "
+                                  "or choose another directory") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
 def prepare_output(cfg: RunConfig) -> Path:
     out = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)
-    cfg.save(out / "config.yaml")
     return out
 
 
@@ -245,6 +290,12 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False, g
     attack = setting.attack()  # an attack that refuses its options fails here, before any work
     setting.task  # so does a model that cannot be built (a prompt longer than the text encoder's context)
     out = prepare_output(cfg)
+    with output_lock(out):
+        cfg.save(out / "config.yaml")
+        return _run(cfg, setting, attack, out, console, verbose, grid)
+
+
+def _run(cfg: RunConfig, setting: Setting, attack, out: Path, console: Console, verbose: bool, grid) -> RunResult:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     quiet_flower(verbose)
     if not lpips_metric().available and cfg.attack != "none":

@@ -104,10 +104,11 @@ def pretrain(seed: int = 0, recipe: Recipe = Recipe(), progress=None) -> dict[st
     return {k: v.detach().contiguous() for k, v in clip.state_dict().items()}
 
 
-def ensure_pretrained(seed: int = 0, console=None) -> Path:
-    """The cached checkpoint, built on first use with a progress bar."""
+def ensure_pretrained(seed: int = 0, console=None, rebuild: bool = False) -> Path:
+    """The cached checkpoint, built on first use (or again with `rebuild`) with a progress bar;
+    a rebuild replaces the old checkpoint only once the new one is complete."""
     path = checkpoint_path(seed)
-    if path.exists():
+    if path.exists() and not rebuild:
         return path
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from safetensors.torch import save_file
