@@ -73,6 +73,10 @@ def first(blob, part):
     return next(iter(blob[part]))
 
 
+def poison(tensors, name):
+    tensors[name] = tensors[name] * math.nan
+
+
 TAMPERED = {  # what is changed -> the words the error must hold
     "metadata not a mapping": (lambda b: b.update(meta=[1, 2]), "not a mapping"),
     "unknown metadata": (lambda b: b["meta"].update(secret=1), "unknown: secret"),
@@ -80,9 +84,7 @@ TAMPERED = {  # what is changed -> the words the error must hold
     "zero learning rate on a delta": (lambda b: b["meta"].update(kind="delta", lr=0.0), "learning rate"),
     "a string as batch size": (lambda b: b["meta"].update(batch_size="8"), "batch_size"),
     "missing update": (lambda b: b["update"].pop(first(b, "update")), "different tensors"),
-    "NaN in the update": (lambda b: b["update"].update({first(b, "update"): math.nan * b["update"][first(b,
-                                                                                                         "update")]}),
-                          "NaN"),
+    "NaN in the update": (lambda b: poison(b["update"], first(b, "update")), "NaN"),
     "shapes unlike each other": (lambda b: b["update"].update({first(b, "update"): torch.zeros(3)}), "shape"),
     "shapes unlike the model": (lambda b: (b["update"].update({first(b, "update"): torch.zeros(3)}),
                                            b["global_params"].update({first(b, "update"): torch.zeros(3)})),
