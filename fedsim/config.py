@@ -86,6 +86,8 @@ class RunConfig:
                          "shows them and their options); none to skip", "attack")
     attack_seed: int = option(0, "the attack's own random seed (restarts, dummy data): the server's, "
                                  "independent of --seed", "attack")
+    attack_timeout: float = option(0.0, "seconds one attack may take; past them it stops at its next reported "
+                                   "iteration and its row says timeout (0: no limit)", "attack")
     defense: str = option("none", "comma-separated chain of defenses, applied in the order given "
                           "(`fedsim list` shows the installed ones and their options); none for no defense",
                           "defense")
@@ -134,7 +136,9 @@ class RunConfig:
 
         self.validate_data()
         _positive(self, "rounds", "local_steps")
-        _finite(self, "lr", "fraction")
+        _finite(self, "lr", "fraction", "attack_timeout")
+        if self.attack_timeout < 0:
+            raise ConfigError(f"--attack-timeout must be >= 0 seconds (0: no limit), got {self.attack_timeout}")
         _choice("protocol", self.protocol, PROTOCOLS)
         if self.local_epochs < 0:
             raise ConfigError(f"--local-epochs must be >= 0, got {self.local_epochs}")

@@ -23,6 +23,7 @@ from fedsim.options import declared
 from fedsim.report import budget_line
 
 PAGE = "report.html"
+NOT_RECONSTRUCTED = {"failed": "attack failed", "invalid": "not attacked", "timeout": "timed out"}  # row statuses
 METRIC_COLUMNS = (("label_acc", "labels", "{:.0%}"), ("psnr", "PSNR dB", "{:.1f}"), ("ssim", "SSIM", "{:.3f}"),
                   ("lpips", "LPIPS", "{:.3f}"), ("ident_pixel", "identified", "{:.0%}"),
                   ("seconds", "seconds", "{:.1f}"))
@@ -208,9 +209,9 @@ def run_context(out: Path) -> dict[str, Any]:
         title = f"fedsim audit: predicted leakage under {config.get('defense', 'none')}"
     else:
         title = f"fedsim run: {config.get('attack', '?')} against {config.get('defense', 'none')}"
-    return {"title": title, "audit": audit,
+    return {"title": title, "audit": audit, "not_reconstructed": NOT_RECONSTRUCTED,
             "config": config, "summary": summary_rows(results) if len(results) else [],
-            "gallery": gallery, "failures": [g for g in gallery if g["status"] in ("failed", "invalid")],
+            "gallery": gallery, "failures": [g for g in gallery if g["status"] in NOT_RECONSTRUCTED],
             "budget": budget_line(results) if len(results) else None,
             "numbers": numbers[0] if numbers else None, "tensors": numbers[1] if numbers else {},
             "epsilon": epsilon, "delta": metrics["delta"].iloc[-1] if "delta" in metrics and len(metrics) else None,

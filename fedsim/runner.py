@@ -127,6 +127,10 @@ class Recorder:
         pd.DataFrame([row]).to_csv(self.metrics_path, mode="a", header=not self.metrics_path.exists(), index=False)
 
 
+class AttackTimeout(Exception):
+    """An attack ran past --attack-timeout (raised from its progress callback)."""
+
+
 class CuriousServer:
     """What the curious server does with what it sees (the strategy's listener): save each
     Observation, attack it, score the Reconstruction against the re-derived truth, and evaluate
@@ -137,7 +141,8 @@ class CuriousServer:
         self.recorder, self.progress = recorder, progress
         self.scorer = setting.scorer()
         if attack is not None:
-            attack.progress = progress.attack_iterations
+            attack.progress = self._iteration
+        self._deadline: float | None = None  # of the attack running now, under --attack-timeout
         self.client_sizes = [len(idx) for idx in setting.data.client_indices]
         self.timings = Timings()
         self._round_sent = 0.0
@@ -179,8 +184,16 @@ class CuriousServer:
             self.recorder.row(row)
         self.progress.updates_done(len(obs.clients) or 1)  # an aggregate stands for its clients
 
+    def _iteration(self, done: int, total: int) -> None:
+        """The attack reports an iteration: the progress bar, and the budget's check."""
+        self.progress.attack_iterations(done, total)
+        if self._deadline is not None and time.perf_counter() > self._deadline:
+            raise AttackTimeout(f"stopped after {self.cfg.attack_timeout:g} s (--attack-timeout), at iteration "
+                                f"{done} of {total}")
+
     def _attack(self, obs: Observation) -> dict:
         start = time.perf_counter()
+        self._deadline = start + self.cfg.attack_timeout if self.cfg.attack_timeout > 0 else None
         broken = [n for n, t in obs.update.items() if not bool(torch.isfinite(t).all())]
         if broken:  # nothing to invert, and an attack on it could run forever: say so and go on
             self.progress.attack_done()
@@ -195,6 +208,8 @@ class CuriousServer:
             metrics, order = self.scorer.score(obs, recon, truth)
             self.recorder.reconstruction(obs, recon, order, truth)
             result = Scorer.result(metrics, recon)
+        except AttackTimeout as exc:
+            result = {"status": "timeout", "error": str(exc)}
         except Exception as exc:  # one failed attack must not lose the run: record it and go on
             self.recorder.failure(obs)
             result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}

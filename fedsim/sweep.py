@@ -46,7 +46,8 @@ from fedsim.options import declared
 
 GRID_KEYS = ("base", "grid", "trials", "report")
 SWEEP_OWNED = ("out", "overwrite", "engine")  # set by the sweep for every trial
-NOT_HASHED = ("out", "overwrite")  # where a trial writes does not change what it computes
+# where a trial writes, and how long its attacks may take, do not change what a finished attack computes
+NOT_HASHED = ("out", "overwrite", "attack_timeout")
 TRIAL_COLUMNS = ["trial_id", "trial_status", "trial_error", "trial_seconds", "trial_finished"]
 METRICS = ("psnr", "ssim", "label_acc", "lpips", "accuracy_final", "trial_seconds")
 

@@ -97,3 +97,22 @@ def test_an_interrupted_rebuild_keeps_the_old_checkpoint(tmp_path, monkeypatch):
 
     assert torch.equal(load_file(str(path))["w"], torch.ones(2))
     assert pd.Series(os.listdir(tmp_path)).tolist() == ["tiny.safetensors"]  # no temporary left
+
+
+def test_an_attack_past_its_budget_is_a_timeout_row_and_the_run_goes_on(tmp_path):
+    import time
+
+    start = time.perf_counter()
+    cfg = lenet_run(tmp_path / "run")
+    cfg.options["attack_iters"], cfg.attack_timeout = 1_000_000, 0.5
+    result = run(cfg)
+    assert (result.results["status"] == "timeout").all() and len(result.results) == 2
+    assert result.results["error"].str.contains("--attack-timeout").all()
+    assert time.perf_counter() - start < 60  # a million L-BFGS steps would take hours
+    assert "timed out" in (tmp_path / "run" / "report.html").read_text()
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_a_budget_must_be_a_finite_number_of_seconds(bad):
+    with pytest.raises(ConfigError, match="--attack-timeout"):
+        RunConfig(attack_timeout=bad).validate()
