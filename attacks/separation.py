@@ -42,15 +42,18 @@ from fedsim.task import Params, Task
 CHUNK_FLOATS = 2**25  # float32 entries of the candidates' Jacobians held at once (128 MiB)
 
 
-def row_and_column_spaces(target: Params, names: list[str], rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(U [m, rank], Vh [rank, n]) of each named 2-D gradient that the rank constrains."""
-    spaces = {}
+def row_and_column_spaces(target: Params, names: list[str], rank: int):
+    """(U [m, rank], Vh [rank, n]) of each named 2-D gradient that the rank constrains, and the
+    largest ratio of its first discarded singular value to its last kept one: how much rounding
+    (float32, and the examples already subtracted) blurs those spaces."""
+    spaces, blur = {}, 0.0
     for name in names:
         G = target[name]
         if G.dim() == 2 and rank < min(G.shape):
-            U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+            U, S, Vh = torch.linalg.svd(G, full_matrices=False)
             spaces[name] = (U[:, :rank], Vh[:rank])
-    return spaces
+            blur = max(blur, float(S[rank] / S[rank - 1].clamp_min(1e-30)))
+    return spaces, blur
 
 
 class SpanTest:
@@ -95,25 +98,32 @@ class SpanTest:
 
 
 def separate(task: Task, params: Params, update: Params, batch: int, public_features: torch.Tensor,
-             feature_weight: str, weights: tuple[str, ...], starts: int = 32, steps: int = 25, tol: float = 1e-4,
-             generator: torch.Generator | None = None) -> tuple[list[tuple[torch.Tensor, int]], Params, dict]:
+             feature_weight: str, weights: tuple[str, ...], starts: int = 48, steps: int = 25, tol: float = 1e-4,
+             patience: int = 2, generator: torch.Generator | None = None
+             ) -> tuple[list[tuple[torch.Tensor, int]], Params, dict]:
     """The examples found, as (unit tower-output direction [D], label), the part of the update
     they do not explain (deflated), and diagnostics. `weights`: the trainable weights whose
     per-example gradient is an outer product (`feature_weight` first among them); `starts`
-    public tower outputs are drawn per round."""
+    public tower outputs are drawn per round, and up to `patience` rounds in a row may find
+    nothing (each draws new starts, twice as many as the round before) before the search gives
+    up. A candidate is an example when its span test is below `tol`, or below ten times the
+    spaces' blur where the examples left are a small part of the update (the last, well-
+    classified example of a batch can be 0.5 % of it, and the rounding of the others then blurs
+    its spaces above 1e-4)."""
     C = task.num_classes
     params = {n: p.float() for n, p in params.items()}
     target = {n: u.float().clone() for n, u in update.items()}
     found: list[tuple[torch.Tensor, int]] = []
-    rounds = 0
-    while len(found) < batch:
+    rounds, idle = 0, 0
+    while len(found) < batch and idle <= patience:
         rank = batch - len(found)
-        spaces = row_and_column_spaces(target, list(weights), rank)
+        spaces, blur = row_and_column_spaces(target, list(weights), rank)
         if feature_weight not in spaces:
             break  # the batch fills the first layer: no row space to search in
+        accept = max(tol, 10 * blur)
         rounds += 1
         test = SpanTest(task, params, spaces, feature_weight)
-        pick = torch.randperm(len(public_features), generator=generator)[:starts]
+        pick = torch.randperm(len(public_features), generator=generator)[:starts * 2 ** idle]  # more after a miss
         c0 = F.normalize(public_features[pick].float() @ test.basis.T, dim=-1)
         c0 = torch.cat([c0, -c0]) if rank > 1 else torch.tensor([[1.0], [-1.0]])
         c0, labels = c0.repeat_interleave(C, 0), torch.arange(C).repeat(len(c0))
@@ -124,7 +134,7 @@ def separate(task: Task, params: Params, update: Params, batch: int, public_feat
         directions = F.normalize(c @ test.basis, dim=-1)
         new = 0
         for i in score.argsort().tolist():
-            if score[i] > tol or len(found) == batch:
+            if score[i] > accept or len(found) == batch:
                 break
             if any(float(directions[i] @ f) > 0.9999 for f, _ in found):
                 continue
@@ -132,8 +142,7 @@ def separate(task: Task, params: Params, update: Params, batch: int, public_feat
             G = test.per_example(params, directions[i][None], labels[i][None])
             target = {n: t - G[n].detach() / batch if n in G else t for n, t in target.items()}
             new += 1
-        if new == 0:
-            break
+        idle = 0 if new else idle + 1
     left = sum(float(t.pow(2).sum()) for t in target.values()) ** 0.5
     total = sum(float(u.float().pow(2).sum()) for u in update.values()) ** 0.5
     return found, target, {"separated": len(found), "separation_rounds": rounds,
