@@ -26,8 +26,15 @@ through the image tower, under a learned prior over blends of public images whos
 weights fit the update (`attacks.tower_side`; the prior column says "public-blend"), under
 `--mip-prior tv` over pixels (the Inverting Gradients objective, `attacks.ig`) with joint soft
 labels, which on the tiny CLIP does not recover the images. Batches larger than one run on
-every route; on the text side every label multiset is fitted and the best fit wins, which is
-exhaustive for up to 1,024 multisets (README, MIP).
+every route: on the text side every label multiset is fitted while there are at most 64, beyond
+that the label-count step's shortlist (`attacks.label_counts`), and the best fit wins; on the
+image head the batch is separated example by example (`attacks.separation`), repeated labels
+included (README, MIP).
+
+Besides the images and labels, a Reconstruction's extras hold the recovered image embeddings
+(`embeddings`, for scoring), the tower-output directions of step 2 (`features`, unit norm) and
+the information budget: `update_numbers` (numbers in the update) against `unknowns` (batch
+size x embedding width).
 """
 
 from __future__ import annotations
