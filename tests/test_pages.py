@@ -125,3 +125,16 @@ def test_fedsim_report_rebuilds_the_page_of_an_older_run(lenet_run, tmp_path):
     numbers = sum(t.numel() for t in blob["update"].values())
     assert f"shared {numbers:,} numbers" in page and "Where the time went" not in page
     assert CliRunner().invoke(app, ["report", str(tmp_path / "nothing")]).exit_code == 2
+
+
+def test_the_information_budget_says_whether_the_update_can_pin_the_embeddings():
+    import pandas as pd
+
+    from fedsim.report import budget_line
+
+    rows = pd.DataFrame([{"batch_size": 8, "update_numbers": 256, "unknowns": 512},
+                         {"batch_size": 8, "update_numbers": 256, "unknowns": 512}])
+    line = budget_line(rows)
+    assert "256 numbers for 512 unknowns" in line and "0.5 per unknown" in line and "under-determined" in line
+    assert "under" not in budget_line(rows.assign(update_numbers=2048))
+    assert budget_line(pd.DataFrame([{"batch_size": 1, "psnr": 30.0}])) is None  # attacks that report none
