@@ -161,11 +161,10 @@ def audit_plot(merged: pd.DataFrame, has_measured: bool) -> str:
     fig, axes = plt.subplots(1, 2 if has_measured else 1, figsize=(10 if has_measured else 5.5, 3), squeeze=False)
     ax = axes[0][0]
     classes = sorted(merged["label"].unique())
-    medians = [merged.loc[merged["label"] == c, "rel_error"].median() for c in classes]
-    ax.bar(range(len(classes)), medians, color="#1f6feb", alpha=0.6, label="median")
-    for i, c in enumerate(classes):
+    for i, c in enumerate(classes):  # every client a dot, the class's median a bar across (log axis: no bars)
         values = merged.loc[merged["label"] == c, "rel_error"]
-        ax.plot([i] * len(values), values, "o", color="#0b3d91", ms=3)
+        ax.plot([i] * len(values), values, "o", color="#1f6feb", ms=4, alpha=0.7)
+        ax.plot([i - 0.3, i + 0.3], [values.median()] * 2, color="#0b3d91", lw=2)
     ax.set_xticks(range(len(classes)), [str(c) for c in classes])
     ax.set_yscale("log")
     ax.set_xlabel("client's main class")
