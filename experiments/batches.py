@@ -92,16 +92,18 @@ def plot(summary: pd.DataFrame, out: Path) -> None:
         if part.empty:
             continue
         fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        colour = {name: f"C{i}" for i, name in enumerate([*SETTINGS, *RULES])}  # the same in every panel
         for name, group in part.groupby("setting"):
             group = group.sort_values(x)
-            axes[0].plot(group[x], group["psnr"], marker="o", label=name)
-            axes[1].plot(group[x], 100 * group["label_acc"], marker="o", label=name)
-            axes[2].plot(group[x], 100 * group["ident_pixel"], marker="o", label=name)
+            axes[0].plot(group[x], group["psnr"], marker="o", label=name, color=colour[name])
+            axes[1].plot(group[x], 100 * group["label_acc"], marker="o", label=name, color=colour[name])
+            axes[2].plot(group[x], 100 * group["ident_feature"], marker="o", label=name, color=colour[name])
             for rule in RULES:
                 if f"{rule}_label_acc" in group and group[f"{rule}_label_acc"].notna().any():
                     axes[1].plot(group[x], 100 * group[f"{rule}_label_acc"], ls="--", marker=".",
-                                 label=f"{rule} (ConvNet)")
-        for ax, label in zip(axes, ("median PSNR (dB)", "label accuracy (%)", "identified (%)")):
+                                 label=f"{rule} (ConvNet)", color=colour[rule])
+        for ax, label in zip(axes, ("median PSNR (dB)", "label accuracy (%)",
+                                    "identified by features (%)")):
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size" if sweep == "batch" else "FedAvg local steps (batch 1)")
             ax.set_ylabel(label)
@@ -144,8 +146,9 @@ def main() -> None:
                           if c in cell), flush=True)
     results = pd.read_csv(table)
     summary = results.groupby(["setting", "batch", "steps"])[list(COLUMNS)].median().reset_index()
-    means = results.groupby(["setting", "batch", "steps"])[["label_acc", "ident_pixel"]].mean().reset_index()
-    summary[["label_acc", "ident_pixel"]] = means[["label_acc", "ident_pixel"]]  # shares: means, not medians
+    shares = ["label_acc", "ident_pixel", "ident_feature", *(f"{rule}_label_acc" for rule in RULES)]
+    means = results.groupby(["setting", "batch", "steps"])[shares].mean().reset_index()
+    summary[shares] = means[shares]  # shares of images: means over clients, not medians
     summary.to_csv(out / "summary.csv", index=False)
     plot(summary, out)
     print(summary.to_string(index=False))
