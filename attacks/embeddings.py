@@ -209,7 +209,7 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
             # have unknowns, every set fits it; the counts alone decide (the closest set).
             if batch not in memo.setdefault("counts", {}):  # the same for every client of a round
                 own = atoms[torch.arange(len(pub)), public_labels.to(atoms.device)]
-                memo["counts"][batch] = CountEstimator(own, public_labels, batch)
+                memo["counts"][batch] = CountEstimator(own, public_labels, batch, classes=C)
             counts = memo["counts"][batch]
             shortlist = counts.ranked(g, ranked_sets if g.numel() > batch * (D - 1) else 1)
             info_counts = [round(float(c), 2) for c in counts.estimate(g)]

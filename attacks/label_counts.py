@@ -30,11 +30,13 @@ ENUMERATE_UP_TO = 200_000  # multisets ranked exhaustively; beyond, the neighbou
 class CountEstimator:
     """Label counts of a batch of `batch` examples from its gradient, learned on public batches."""
 
-    def __init__(self, atoms: torch.Tensor, labels: torch.Tensor, batch: int, sims: int = 20_000,
-                 ridge: float = 0.1, generator: torch.Generator | None = None):
-        """`atoms` [N, P]: each public example's gradient under its own label; `labels` [N]."""
+    def __init__(self, atoms: torch.Tensor, labels: torch.Tensor, batch: int, classes: int | None = None,
+                 sims: int = 20_000, ridge: float = 0.1, generator: torch.Generator | None = None):
+        """`atoms` [N, P]: each public example's gradient under its own label; `labels` [N] of
+        `classes` classes (default: the largest label + 1)."""
         gen = generator or torch.Generator().manual_seed(0)
-        self.classes, self.batch = int(labels.max()) + 1, batch
+        self.classes = classes or int(labels.max()) + 1
+        self.batch = batch
         N = len(atoms)
         picks = torch.rand(sims, N, generator=gen).argsort(dim=1)[:, :batch] if N < 4096 else \
             torch.randint(N, (sims, batch), generator=gen)
