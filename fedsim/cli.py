@@ -118,7 +118,7 @@ def _audit(audit_noise: float = 0.0, audit_rel_damping: float = 1e-4, **options)
 
     out.mkdir(parents=True, exist_ok=True)
     # next to a run's own files (--out of a finished run): the audit keeps its config apart
-    cfg.save(out / ("audit_config.yaml" if (out / "config.yaml").exists() else "config.yaml"))
+    cfg.save(out / ("audit_config.yaml" if (out / "results.csv").exists() else "config.yaml"))
     frame.to_csv(out / "audit.csv", index=False)
     page = write_run_page(out)
     console.print(audit_tables(frame))
