@@ -8,6 +8,7 @@ and a RunConfig holds their values by key in `options` (`RunConfig(dp_noise=0.5)
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -161,8 +162,7 @@ class RunConfig:
             raise ConfigError(f"--lr must be > 0, got {self.lr}")
         if self.out:
             out = Path(self.out)
-            if out.exists() and not out.is_dir():
-                raise ConfigError(f"--out {self.out} exists and is not a directory")
+            check_writable_dir(out)
             if out.is_dir() and any(out.iterdir()) and not self.overwrite:
                 raise ConfigError(f"--out {self.out} exists and is not empty; pass --overwrite or "
                                   "choose another directory")
@@ -312,6 +312,20 @@ def _positive(cfg: RunConfig, *names: str) -> None:
         value = getattr(cfg, name)
         if value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def check_writable_dir(out: Path, flag: str = "--out") -> None:
+    """`out` is, or can be made, a directory this process may write into: checked before any
+    work, so a bad path is an error that names it, never a traceback after the run."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{flag} {out} exists and is not a directory")
+    existing = out
+    while not existing.exists():  # the nearest ancestor that exists decides
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {out} lies under {existing}, which is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {out}: {existing} is not writable by this user")
 
 
 def _finite(cfg: RunConfig, *names: str) -> None:

@@ -41,7 +41,7 @@ import yaml
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedsim.config import ConfigError, RunConfig, option_types
+from fedsim.config import ConfigError, RunConfig, check_writable_dir, option_types
 from fedsim.options import declared
 
 GRID_KEYS = ("base", "grid", "trials", "report")
@@ -266,6 +266,7 @@ def sweep(grid: Grid, out: Path, address: str | None = None, gpus_per_trial: flo
     if max_concurrent is not None and max_concurrent < 1:
         raise ConfigError(f"--max-concurrent must be >= 1, got {max_concurrent}")
     out = Path(out).resolve()
+    check_writable_dir(out)
     out.mkdir(parents=True, exist_ok=True)
     table = ResultsTable(out)
     done = table.finished()

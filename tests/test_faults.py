@@ -116,3 +116,17 @@ def test_an_attack_past_its_budget_is_a_timeout_row_and_the_run_goes_on(tmp_path
 def test_a_budget_must_be_a_finite_number_of_seconds(bad):
     with pytest.raises(ConfigError, match="--attack-timeout"):
         RunConfig(attack_timeout=bad).validate()
+
+
+def test_an_out_under_a_file_is_an_error_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsim.cli import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    for command in (["run", "--model", "lenet", "--peft", "full", "--engine", "inprocess"],
+                    ["sweep", "experiments/grids/defense_tradeoff_small.yaml"]):
+        result = CliRunner().invoke(app, [*command, "--out", str(blocker / "sub" / "dir")], env={"COLUMNS": "300"})
+        assert result.exit_code == 2, result.output
+        assert "which is a file, not a directory" in " ".join(result.output.split())
