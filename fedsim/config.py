@@ -146,6 +146,7 @@ class RunConfig:
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"--fraction must be in (0, 1], got {self.fraction}")
         self.validate_model()
+        _seed(self, "attack_seed")
         _choice("attack", self.attack, ["none", *attack_names()])
         chain = [n.strip() for n in self.defense.split(",")]
         for name in chain:
@@ -203,8 +204,11 @@ class RunConfig:
         _choice("partition", self.partition, PARTITIONS)
         if not self.alpha > 0:
             raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
-        if self.seed < 0:
-            raise ConfigError(f"--seed must be >= 0, got {self.seed}")
+        _seed(self, "seed")
+        if not IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1]:  # the whole dataset is held at this size
+            raise ConfigError(f"--image-size must be in {IMAGE_SIZES[0]}..{IMAGE_SIZES[1]} pixels, got "
+                              f"{self.image_size} (a 3 x {self.image_size}^2 float image takes "
+                              f"{12 * self.image_size ** 2 / 2**20:,.1f} MiB)")
         if self.synthetic_classes > SYNTHETIC_MAX_CLASSES:
             raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too many; valid: "
                               f"1..{SYNTHETIC_MAX_CLASSES}")
@@ -217,8 +221,7 @@ class RunConfig:
         self.validate_types()
         _positive(self, "n_ctx", "adapter_reduction", "lora_rank", "vpt_tokens")
         _finite(self, "adapter_ratio", "lora_alpha")
-        if self.model_seed < 0:
-            raise ConfigError(f"--model-seed must be >= 0, got {self.model_seed}")
+        _seed(self, "model_seed")
         if self.model in CLASSIC_MODELS:
             _choice("peft", self.peft, ("full",), f" for --model {self.model}")
             if self.pretrained not in ("none", "fedsim"):  # "fedsim" (the default) means nothing here
@@ -236,6 +239,9 @@ class RunConfig:
             raise ConfigError(f"--pretrained fedsim exists only for tiny-clip; for --model {self.model} "
                               "valid: none, an open_clip tag (`fedsim models`), or a checkpoint file")
         _choice("lora-tower", self.lora_tower, ("image", "text", "both"))
+        if self.peft == "lora" and not self.lora_target_list:
+            raise ConfigError(f"--lora-targets {self.lora_targets!r} names no module; valid: a comma-separated "
+                              "list of attn, c_fc, c_proj")
         for target in self.lora_target_list:
             hint = " (peft wraps nn.MultiheadAttention whole: target attn)" if target == "out_proj" else ""
             _choice("lora-targets", target, ("attn", "c_fc", "c_proj"), hint)
@@ -305,6 +311,16 @@ def _choice(name: str, value: str, valid, where: str = "") -> None:
     if value not in valid:
         raise ConfigError(f"--{name.replace('_', '-')} {value!r} is not valid{where}; "
                           f"valid: {', '.join(valid)}")
+
+
+IMAGE_SIZES = (8, 1024)  # pixels: below 8 the classic models' pooling has nothing left; above, memory
+MAX_SEED = 2**63 - 1  # what torch.manual_seed and numpy's generators accept
+
+
+def _seed(cfg: RunConfig, name: str) -> None:
+    value = getattr(cfg, name)
+    if not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"--{name.replace('_', '-')} must be in 0..2^63-1, got {value}")
 
 
 def _positive(cfg: RunConfig, *names: str) -> None:

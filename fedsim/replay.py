@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import IMAGE_SIZES, ConfigError, RunConfig
 from fedsim.knowledge import AttackerKnowledge
 from fedsim.models import build_task
 from fedsim.observation import Observation
@@ -58,8 +58,9 @@ def trusted_spec(obs: Observation, pretrained: str | None) -> dict:
         raise ConfigError(f"the observation's class names {names!r} are not a list of names")
     described = RunConfig(**{k: v for k, v in spec.items() if k not in ("class_names", "pretrained")})
     described.validate_model()
-    if not 8 <= described.image_size <= 1024:
-        raise ConfigError(f"the observation's image size {described.image_size} is outside 8..1024")
+    if not IMAGE_SIZES[0] <= described.image_size <= IMAGE_SIZES[1]:
+        raise ConfigError(f"the observation's image size {described.image_size} is outside "
+                          f"{IMAGE_SIZES[0]}..{IMAGE_SIZES[1]}")
     if pretrained is not None:
         spec["pretrained"] = pretrained
     elif not isinstance(spec["pretrained"], str) or not (spec["pretrained"] in SAFE_PRETRAINED or

@@ -130,3 +130,20 @@ def test_an_out_under_a_file_is_an_error_before_any_work(tmp_path):
         result = CliRunner().invoke(app, [*command, "--out", str(blocker / "sub" / "dir")], env={"COLUMNS": "300"})
         assert result.exit_code == 2, result.output
         assert "which is a file, not a directory" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("image_size", 1, "--image-size must be in 8..1024"),
+    ("image_size", 100_000, "--image-size must be in 8..1024"),
+    ("seed", 2**70, "--seed must be in 0..2^63-1"),
+    ("model_seed", -1, "--model-seed must be in 0..2^63-1"),
+    ("attack_seed", -5, "--attack-seed must be in 0..2^63-1"),
+])
+def test_values_that_used_to_fail_late_are_refused_first(field, value, words):
+    with pytest.raises(ConfigError, match=words.replace("^", "\\^").replace(".", "\\.")):
+        RunConfig(**{field: value}).validate()
+
+
+def test_lora_with_no_target_is_refused():
+    with pytest.raises(ConfigError, match="names no module"):
+        RunConfig(peft="lora", lora_targets="").validate()
