@@ -12,7 +12,7 @@ from fedsim.data import federated_data
     ("dp_noise", -1.0, "--dp-noise must be >= 0"),
     ("lr", float("nan"), "--lr must be a finite number"),
     ("dp_clip", float("inf"), "--dp-clip must be a finite number"),
-    ("seed", -1, "--seed must be >= 0"),
+    ("seed", -1, "--seed must be in 0..2^63-1"),
     ("peft", "prefix", "valid: coop, adapter"),
     ("model", "vit-h", "valid: tiny-clip, lenet"),
 ])
