@@ -216,11 +216,13 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
             pools.append(shortlist)
         else:
             pools.append(candidate_label_sets(C, batch, distinct=True)[:max_label_sets])
-        for sets in pools:
+        for sets in (p for p in pools if len(p)):
             first = aligned_starts(sets, ranked)
             matched = matched_starts(sets, atoms, g, allowed, first)
             consider(torch.cat([sets, sets]), pub[torch.cat([first, matched])],
                      SHORTLIST_HALVING if info_counts is not None else schedule)
+        if not tried:  # nothing else to fit (no public labels, more examples than classes)
+            consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None], schedule)
     sets, residuals, Z = (torch.cat(parts) for parts in zip(*tried))
     best = int(residuals.argmin())
     as_sets = sets.sort(dim=1).values
