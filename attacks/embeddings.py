@@ -190,8 +190,9 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
         atoms = per_example_atoms(jac, scale, pub)  # [N, C, P]
         scores = aligned(atoms)
         picks = pursue(atoms, g, batch)
+        pursuit = torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None]  # (labels, starts)
         if g.numel() > batch * (D - 1):  # where the fit can tell label sets apart
-            consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None], schedule)
+            consider(*pursuit, schedule)
         allowed = torch.ones_like(scores, dtype=torch.bool)
         if public_labels is not None:  # a label's starts come from its own public images
             allowed = public_labels.to(scores.device)[:, None] == torch.arange(C, device=scores.device)
@@ -222,7 +223,7 @@ def text_side(task: Task, params: Params, update: Params, batch: int, public_emb
             consider(torch.cat([sets, sets]), pub[torch.cat([first, matched])],
                      SHORTLIST_HALVING if info_counts is not None else schedule)
         if not tried:  # nothing else to fit (no public labels, more examples than classes)
-            consider(torch.tensor([[c for _, c in picks]]), pub[[n for n, _ in picks]][None], schedule)
+            consider(*pursuit, schedule)
     sets, residuals, Z = (torch.cat(parts) for parts in zip(*tried))
     best = int(residuals.argmin())
     as_sets = sets.sort(dim=1).values
@@ -246,11 +247,10 @@ def head_side(task: Task, params: Params, update: Params, batch: int, weight_nam
     the examples are separated by their per-example span test (`attacks.separation`, from
     `public_features`, the public images' tower outputs, as starts); what it leaves is fitted by
     gradient matching in the rest's row space (soft labels, `restarts` seeded starts)."""
-    W = update[weight_name].double()
-    _, S, Vh = torch.linalg.svd(W, full_matrices=False)
     C = task.num_classes
     head = grad(task.head_loss)
     if batch == 1:
+        _, S, Vh = torch.linalg.svd(update[weight_name].double(), full_matrices=False)
         candidates = []
         for sign, label in itertools.product((1.0, -1.0), range(C)):
             f = (sign * Vh[0]).float().view(1, -1)
@@ -265,7 +265,7 @@ def head_side(task: Task, params: Params, update: Params, batch: int, weight_nam
         found, rest, info = separate(task, params, update, batch, public_features, weight_name, weights,
                                      generator=generator)
     labels = torch.tensor([y for _, y in found], dtype=torch.long)
-    features = torch.stack([f for f, _ in found]) if found else torch.zeros(0, W.shape[1])
+    features = torch.stack([f for f, _ in found]) if found else torch.zeros(0, update[weight_name].shape[1])
     missing = batch - len(found)
     if missing:
         span = torch.linalg.svd(rest[weight_name].double(), full_matrices=False)[2][:missing].float()

@@ -70,6 +70,11 @@ class Observation:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("update", "global_params")}
 
 
+def non_finite(tensors: Params) -> list[str]:
+    """The names of the tensors that hold a NaN or an infinity."""
+    return [name for name, t in tensors.items() if not bool(torch.isfinite(t).all())]
+
+
 META = {"round": int, "client": int, "kind": str, "batch_size": int, "lr": (int, float), "local_steps": int,
         "model_spec": dict, "clients": (list, tuple)}  # a saved Observation's metadata and its types
 
@@ -112,8 +117,9 @@ def check_saved(blob: dict, path) -> None:
         for name, t in tensors.items():
             if not isinstance(name, str) or not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 bad(f"{part}[{name!r}] is not a floating-point tensor")
-            if not bool(torch.isfinite(t).all()):
-                bad(f"{part}[{name!r}] holds NaN or infinite values")
+        broken = non_finite(tensors)
+        if broken:
+            bad(f"{part}[{broken[0]!r}] holds NaN or infinite values")
     if set(blob["update"]) != set(blob["global_params"]):
         bad(f"update and global parameters name different tensors: "
             f"{sorted(set(blob['update']) ^ set(blob['global_params']))}")

@@ -28,7 +28,7 @@ from fedsim.evaluate import lpips_metric
 from fedsim.flower import make_client_app, make_server_app, quiet_flower, serve
 from fedsim.harness import Scorer, Setting, Truth
 from fedsim.models import resolve_device
-from fedsim.observation import Observation
+from fedsim.observation import Observation, non_finite
 from fedsim.pages import write_run_page
 from fedsim.report import ResultsWriter, save_grid, save_grids_side_by_side
 from fedsim.training import accuracy
@@ -194,7 +194,7 @@ class CuriousServer:
     def _attack(self, obs: Observation) -> dict:
         start = time.perf_counter()
         self._deadline = start + self.cfg.attack_timeout if self.cfg.attack_timeout > 0 else None
-        broken = [n for n, t in obs.update.items() if not bool(torch.isfinite(t).all())]
+        broken = non_finite(obs.update)
         if broken:  # nothing to invert, and an attack on it could run forever: say so and go on
             self.progress.attack_done()
             return {"status": "invalid", "seconds": 0.0,
