@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import inspect
+import os
+import sys
+import tempfile
+import time
+import traceback
 from dataclasses import fields
 from pathlib import Path
 from typing import Optional, get_type_hints
@@ -21,7 +26,39 @@ app = typer.Typer(help="fedsim: federated-learning privacy testbed. A curious Fl
 console = Console()
 
 
+def main() -> None:
+    """The `fedsim` command. A user's mistake is a ConfigError, which each command turns into
+    `error: ...` and exit 2; an interrupted run says what it kept (exit 130, or 143 on SIGTERM).
+    Anything else is a bug: one line saying so, and the traceback in a log file, not on screen."""
+    try:
+        app()
+    except Exception as exc:
+        log = crash_log()
+        console.print(f"[red]fedsim hit a bug[/] ({type(exc).__name__}: {exc}). This is not your input's "
+                      f"fault; the traceback is in {log} (please attach it to a bug report)")
+        sys.exit(1)
+
+
+def crash_log() -> Path:
+    """Write the exception being handled, with the command line, to a log file; return its path."""
+    logs = Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim")) / "logs"
+    try:
+        logs.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        logs = Path(tempfile.gettempdir())
+    path = logs / f"crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path.write_text(f"fedsim {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+    return path
+
+
+def _stopped(exc) -> typer.Exit:
+    console.print(f"[yellow]{exc.message}[/]")
+    return typer.Exit(exc.exit_code)
+
+
 def _run(verbose: bool = False, **options) -> None:
+    from fedsim.interrupts import RunStopped
+
     try:
         cfg = RunConfig(**options)
         from fedsim.report import print_result
@@ -31,6 +68,8 @@ def _run(verbose: bool = False, **options) -> None:
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
+    except RunStopped as exc:
+        raise _stopped(exc) from None
 
 
 def _core_options(names: tuple[str, ...] | None = None) -> list[inspect.Parameter]:
@@ -238,12 +277,13 @@ def sweep_grid(
     gpus_per_trial: float = typer.Option(None, help="GPUs each trial asks Ray for; default 1 when the "
                                                     "cluster has GPUs, else 0"),
     cpus_per_trial: float = typer.Option(1.0, help="CPUs each trial asks Ray for (and its torch threads)"),
-    max_concurrent: int = typer.Option(None, help="at most this many trials at once; default: as many as "
-                                                  "the cluster's resources allow"),
+    max_concurrent: int = typer.Option(None, help="at most this many trials submitted at once; default: "
+                                                  "twice as many as the cluster's resources run together"),
     out: Path = typer.Option(None, help="sweep directory; default runs/sweep-<grid file name>. Re-running "
                                         "with the same one skips finished trials"),
 ) -> None:
     """Run every trial of a grid as a Ray task, one results table (Parquet + CSV), pivots and plots."""
+    from fedsim.interrupts import RunStopped
     from fedsim.sweep import load_grid, sweep
 
     try:
@@ -253,6 +293,8 @@ def sweep_grid(
     except ConfigError as exc:
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
+    except RunStopped as exc:
+        raise _stopped(exc) from None
 
 
 @app.command("list")
@@ -401,4 +443,4 @@ def attack_file(
 
 
 if __name__ == "__main__":
-    app()
+    main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -83,6 +84,9 @@ class RunConfig:
     local_epochs: int = option(0, "fedavg: if > 0, passes over all the client's data instead of local steps",
                                "federation")
     fraction: float = option(1.0, "share of clients sampled each round", "federation")
+    client_timeout: float = option(3600.0, "seconds the server waits for a round's replies; clients that have "
+                                   "not answered by then are left out of the round (Ray engine and flwr run; the "
+                                   "in-process engine calls each client to the end)", "federation")
     attack: str = option("mip", "attack run by the curious server on every client update (`fedsim list` "
                          "shows them and their options); none to skip", "attack")
     attack_seed: int = option(0, "the attack's own random seed (restarts, dummy data): the server's, "
@@ -98,7 +102,11 @@ class RunConfig:
                          "one after another in this process (no Ray start-up; tests, debugging)", "run")
     device: str = option("auto", "auto = CUDA when available, else CPU", "run")
     out: str = option("", "output directory; empty = runs/<timestamp>", "run")
-    overwrite: bool = option(False, "allow writing into a non-empty output directory", "run")
+    overwrite: bool = option(False, "replace what a non-empty output directory holds; the old files stay "
+                             "whole until the new run completes", "run")
+    resume: bool = option(False, "continue the interrupted run in --out: its rows are kept and skipped, the "
+                          "rest come out as they would have (its config.yaml is used; other options are refused)",
+                          "run")
 
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -137,7 +145,9 @@ class RunConfig:
 
         self.validate_data()
         _positive(self, "rounds", "local_steps")
-        _finite(self, "lr", "fraction", "attack_timeout")
+        _finite(self, "lr", "fraction", "attack_timeout", "client_timeout")
+        if self.client_timeout <= 0:
+            raise ConfigError(f"--client-timeout must be > 0 seconds, got {self.client_timeout}")
         if self.attack_timeout < 0:
             raise ConfigError(f"--attack-timeout must be >= 0 seconds (0: no limit), got {self.attack_timeout}")
         _choice("protocol", self.protocol, PROTOCOLS)
@@ -164,9 +174,12 @@ class RunConfig:
         if self.out:
             out = Path(self.out)
             check_writable_dir(out)
-            if out.is_dir() and any(out.iterdir()) and not self.overwrite:
-                raise ConfigError(f"--out {self.out} exists and is not empty; pass --overwrite or "
-                                  "choose another directory")
+            if out.is_dir() and any(out.iterdir()) and not (self.overwrite or self.resume):
+                raise ConfigError(f"--out {self.out} exists and is not empty; pass --overwrite, --resume (to "
+                                  "continue an interrupted run) or choose another directory")
+            if self.overwrite and self.resume:
+                raise ConfigError("--overwrite and --resume contradict each other: --resume keeps the rows in "
+                                  "--out, --overwrite replaces them; pass one")
         from fedsim.plugins import make_defense
 
         make_defense(self)  # a chain whose defenses refuse their options or each other fails here
@@ -184,7 +197,7 @@ class RunConfig:
 
     def validate_types(self) -> None:
         """Every core field holds a value of its type (a YAML or grid file may hold anything)."""
-        hints = get_type_hints(RunConfig)
+        hints = core_types()
         for name in CORE:
             value, kind = getattr(self, name), hints[name]
             ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) or (
@@ -301,9 +314,15 @@ class RunConfig:
 CORE = tuple(f.name for f in fields(RunConfig) if f.name != "options")
 
 
+@lru_cache(maxsize=1)
+def core_types() -> dict[str, type]:
+    """Each core field's type (resolved once: a sweep validates thousands of configs)."""
+    return get_type_hints(RunConfig)
+
+
 def option_types() -> dict[str, type]:
     """Every key a RunConfig takes, core fields and installed plugins' options, with its type."""
-    hints = get_type_hints(RunConfig)
+    hints = core_types()
     return {**{name: hints[name] for name in CORE}, **{k: d.option.kind for k, d in declared().items()}}
 
 

@@ -4,15 +4,18 @@ Flower's simulation engine always starts Ray (seconds of start-up, worker proces
 and debugging, `LocalGrid` implements Flower's public `Grid` interface by calling the ClientApp
 directly, one node after another, with the same Message and Context objects the simulation
 engine hands it. It uses Flower's public API (Grid, Message, Context, ClientApp.__call__,
-ServerApp.__call__) plus one private piece: a Message takes its run and sender ids from the
+ServerApp.__call__) plus two private pieces: a Message takes its run and sender ids from the
 process's `TaskIdentity` (flwr.supercore), which Flower's own runtimes set and which
-`_task_identity` sets here. tests/test_engine.py fails loudly if that contract changes.
+`_task_identity` sets here; and a pushed message gets its id as Flower's in-memory grid gives
+it one (so replies name the message they answer). tests/test_engine.py fails loudly if either
+contract changes.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Iterable
+from uuid import uuid4
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -59,18 +62,20 @@ class LocalGrid(Grid):
             return Message(Error(code=CLIENT_ERROR, reason=f"{type(exc).__name__}: {exc}"), reply_to=message)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Each message is delivered at once, in order; its reply waits for `pull_messages`
+        under the message's id, as on Flower's grids."""
         ids = []
-        for i, message in enumerate(messages):
-            key = f"{len(self._replies)}-{i}"
-            self._replies[key] = self._deliver(message)
-            ids.append(key)
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = str(uuid4())  # what Flower's grids do on push
+            self._replies[message.metadata.message_id] = self._deliver(message)
+            ids.append(message.metadata.message_id)
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return [self._replies.pop(key) for key in message_ids if key in self._replies]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [self._deliver(message) for message in messages]
+        return self.pull_messages(self.push_messages(messages))
 
 
 SERVER_NODE_ID = 0

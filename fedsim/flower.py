@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsim.config import ConfigError, RunConfig
 from fedsim.harness import Setting
+from fedsim.interrupts import StopSignal
 from fedsim.models import resolve_device
 from fedsim.observation import Observation
 from fedsim.plugins import make_defense
@@ -155,23 +156,69 @@ class CuriousFedAvg(FedAvg):
                            self._global, int(content[METRICS_KEY]["num-examples"]), self.spec)
 
 
+class WatchedGrid(Grid):
+    """A Grid that waits for replies as Flower's grids do, with two limits the server needs:
+    it stops waiting after --client-timeout seconds (a client that has not answered by then is
+    missing from the round, as under Flower's own timeout), and when the run is asked to stop
+    (Ctrl-C, SIGTERM), which Flower's wait would not notice."""
+
+    POLL_S = 0.05
+
+    def __init__(self, grid: Grid, timeout: float, stop: StopSignal | None = None):
+        self.grid, self.timeout, self.stop = grid, timeout, stop or StopSignal()
+
+    def set_run(self, run) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self):
+        return self.grid.run
+
+    def create_message(self, *args, **kwargs) -> Message:
+        return self.grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        limit = min(self.timeout, timeout) if timeout is not None else self.timeout
+        waiting = set(self.push_messages(messages))
+        deadline, replies = time.monotonic() + limit, []
+        while waiting and time.monotonic() < deadline:
+            self.stop.check()
+            got = list(self.pull_messages(waiting))
+            replies += got
+            waiting -= {reply.metadata.reply_to_message_id for reply in got}
+            if waiting:
+                time.sleep(self.POLL_S)
+        self.stop.check()
+        return replies
+
+
 def make_server_app(cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener: Listener,
-                    evaluate_fn=None) -> ServerApp:
+                    evaluate_fn=None, stop: StopSignal | None = None) -> ServerApp:
     """`evaluate_fn(round, ArrayRecord) -> MetricRecord`: the server's own evaluation of the
     global model on its public split, before round 1 and after every round."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        serve(grid, cfg, initial, spec, listener, evaluate_fn)
+        serve(grid, cfg, initial, spec, listener, evaluate_fn, stop)
 
     return app
 
 
 def serve(grid: Grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener: Listener,
-          evaluate_fn=None) -> None:
+          evaluate_fn=None, stop: StopSignal | None = None) -> None:
     """The curious FedAvg strategy's rounds over the nodes of `grid`; under secure aggregation,
     Flower's SecAgg+ workflow with the legacy-API curious strategy (fedsim.secagg)."""
+    grid = WatchedGrid(grid, cfg.client_timeout, stop)
     defense = make_defense(cfg)
     workflow = defense.fit_workflow(max_examples(cfg))
     if workflow is not None:

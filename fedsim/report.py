@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 from pathlib import Path
 
@@ -20,16 +21,39 @@ RESULT_COLUMNS = ["round", "client", "attack", "defense", "peft", "model", "data
 
 class ResultsWriter:
     """Appends one row per (round, client, attack) to results.csv, flushed as it goes, so a
-    run that fails midway keeps every row it finished."""
+    run that fails or is interrupted midway keeps every row it finished. With `resume`, the
+    rows already there are kept (a last row cut short by a killed process is dropped) and
+    `finished` names them."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resume: bool = False):
         self.path = path
-        with path.open("w", newline="") as f:
-            csv.DictWriter(f, RESULT_COLUMNS).writeheader()
+        kept = complete_rows(path) if resume and path.exists() else []
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, RESULT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+        tmp.replace(path)
+        self.finished = {(int(row["round"]), int(row["client"])) for row in kept}
 
     def write(self, row: dict) -> None:
+        line = io.StringIO()
+        csv.DictWriter(line, RESULT_COLUMNS, extrasaction="ignore").writerow(row)
         with self.path.open("a", newline="") as f:
-            csv.DictWriter(f, RESULT_COLUMNS, extrasaction="ignore").writerow(row)
+            f.write(line.getvalue())  # one write per row: a row is there whole or not at all
+
+
+def complete_rows(path: Path) -> list[dict]:
+    """results.csv's rows that are whole: every column present, round and client numbers."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]  # a last row without its line end was cut short
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    if reader.fieldnames != RESULT_COLUMNS:
+        raise ValueError(f"{path} is not a fedsim results table (its columns are {reader.fieldnames})")
+    return [row for row in reader
+            if None not in row and None not in row.values()  # fewer or more fields than columns
+            and row["round"].isdigit() and row["client"].isdigit() and row["status"]]
 
 
 def save_grid(path: Path, rows: list[tuple[torch.Tensor, torch.Tensor]], class_names,
@@ -58,6 +82,17 @@ def save_grids_side_by_side(path: Path, grids: list[list[tuple[torch.Tensor, tor
     side by side in one picture: row r holds every grid's row r."""
     rows = [(torch.cat([g[r][0] for g in grids]), torch.cat([g[r][1] for g in grids])) for r in range(len(grids[0]))]
     save_grid(path, rows, class_names, scale)
+
+
+def paste_side_by_side(path: Path, pictures: list[Path]) -> None:
+    """Pictures of the same height (per-client grids) side by side in one."""
+    images = [Image.open(p).convert("RGB") for p in pictures]
+    canvas = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        canvas.paste(im, (x, 0))
+        x += im.width
+    canvas.save(path)
 
 
 def summary_table(results: pd.DataFrame) -> Table:

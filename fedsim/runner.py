@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
+import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -23,14 +27,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedsim.accounting import Accounting
-from fedsim.config import ConfigError, RunConfig
+from fedsim.config import CORE, ConfigError, RunConfig
 from fedsim.evaluate import lpips_metric
 from fedsim.flower import make_client_app, make_server_app, quiet_flower, serve
 from fedsim.harness import Scorer, Setting, Truth
+from fedsim.interrupts import RunInterrupted, RunStopped, StopSignal
 from fedsim.models import resolve_device
 from fedsim.observation import Observation, non_finite
-from fedsim.pages import write_run_page
-from fedsim.report import ResultsWriter, save_grid, save_grids_side_by_side
+from fedsim.pages import PAGE, write_run_page
+from fedsim.report import ResultsWriter, paste_side_by_side, save_grid
 from fedsim.training import accuracy
 
 COMBINED_CLIENTS = 32  # clients of the last round in reconstructions.png
@@ -84,14 +89,16 @@ class Recorder:
     """What a run writes into --out: observations, reconstruction grids, results.csv (row by
     row), metrics.csv (per round) and errors.log."""
 
-    def __init__(self, out: Path, class_names):
-        self.out, self.class_names = out, class_names
+    def __init__(self, out: Path, class_names, resume: bool = False, stop: StopSignal | None = None):
+        self.out, self.class_names, self.stop = out, class_names, stop or StopSignal()
         for sub in ("reconstructions", "observations"):
             (out / sub).mkdir(exist_ok=True)
-        self.results = ResultsWriter(out / "results.csv")
+        try:
+            self.results = ResultsWriter(out / "results.csv", resume)
+        except ValueError as exc:
+            raise ConfigError(f"cannot resume: {exc}") from None
         self.metrics_path = out / "metrics.csv"
-        self.metrics_path.unlink(missing_ok=True)  # rows are appended per round: start afresh on --overwrite
-        self._last_round, self._last = 0, []  # the last round's (client, grid rows), for reconstructions.png
+        self.metrics_path.unlink(missing_ok=True)  # appended per round; a resumed run evaluates every round again
 
     @staticmethod
     def tag(obs: Observation) -> str:
@@ -103,25 +110,26 @@ class Recorder:
     def reconstruction(self, obs: Observation, recon, order, truth: Truth) -> None:
         rows = [(truth.images, truth.labels), (recon.images[order], recon.labels[order])]
         save_grid(self.out / "reconstructions" / f"{self.tag(obs)}.png", rows, self.class_names)
-        if obs.round > self._last_round:
-            self._last_round, self._last = obs.round, []
-        if len(self._last) < COMBINED_CLIENTS:
-            self._last.append((obs.client, rows))
 
     def combined(self) -> None:
         """reconstructions.png: every client of the last round (up to COMBINED_CLIENTS), true
-        images above their reconstructions, in one picture to paste."""
-        if not self._last:
+        images above their reconstructions, in one picture to paste. Built from the saved
+        per-client pictures, so a resumed run's picture holds the clients of both parts."""
+        found = [(int(m[1]), int(m[2]), path) for path in (self.out / "reconstructions").glob("round*_client*.png")
+                 if (m := re.fullmatch(r"round(\d+)_client(\d+)\.png", path.name))]
+        if not found:
             return
-        save_grids_side_by_side(self.out / "reconstructions.png",
-                                [rows for _, rows in sorted(self._last, key=lambda item: item[0])], self.class_names)
+        last = max(r for r, _, _ in found)
+        paths = [path for _, _, path in sorted(f for f in found if f[0] == last)][:COMBINED_CLIENTS]
+        paste_side_by_side(self.out / "reconstructions.png", paths)
 
     def failure(self, obs: Observation) -> None:
         with (self.out / "errors.log").open("a") as log:
             log.write(f"{self.tag(obs)}\n{traceback.format_exc()}\n")
 
     def row(self, row: dict) -> None:
-        self.results.write(row)
+        with self.stop.critical():  # Ctrl-C waits for the row: results.csv never holds half of one
+            self.results.write(row)
 
     def metrics(self, row: dict) -> None:
         pd.DataFrame([row]).to_csv(self.metrics_path, mode="a", header=not self.metrics_path.exists(), index=False)
@@ -136,9 +144,15 @@ class CuriousServer:
     Observation, attack it, score the Reconstruction against the re-derived truth, and evaluate
     the global model each round. Each concern is its own object; this one only sequences them."""
 
-    def __init__(self, setting: Setting, attack, recorder: Recorder, progress: RunProgress):
+    def __init__(self, setting: Setting, attack, recorder: Recorder, progress: RunProgress,
+                 stop: StopSignal | None = None):
         self.setting, self.cfg, self.attack = setting, setting.cfg, attack
         self.recorder, self.progress = recorder, progress
+        self.stop = stop or StopSignal()
+        self.finished = recorder.results.finished  # (round, client) rows kept from before a --resume
+        self.recorded: set[tuple[int, int]] = set()  # and those written by this run
+        self.idle = threading.Event()  # not inside __call__: what an interrupt waits for
+        self.idle.set()
         self.scorer = setting.scorer()
         if attack is not None:
             attack.progress = self._iteration
@@ -174,19 +188,28 @@ class CuriousServer:
         self.timings.client_compute += client_seconds
 
     def __call__(self, obs: Observation) -> None:
-        self.recorder.observation(obs)
-        self.progress.say(f"round {obs.round}: attacking client {obs.client}")
-        row = {"round": obs.round, "client": obs.client, "attack": self.cfg.attack,
-               "defense": self.cfg.defense, "peft": self.cfg.peft, "model": self.cfg.model,
-               "dataset": self.cfg.dataset, "batch_size": obs.batch_size, **self.privacy(obs.round)}
-        if self.attack is not None:
-            row.update(self._attack(obs))
-            self.recorder.row(row)
-        self.progress.updates_done(len(obs.clients) or 1)  # an aggregate stands for its clients
+        self.idle.clear()
+        try:
+            self.stop.check()
+            if self.attack is not None and (obs.round, obs.client) not in self.finished:
+                self.recorder.observation(obs)
+                self.progress.say(f"round {obs.round}: attacking client {obs.client}")
+                row = {"round": obs.round, "client": obs.client, "attack": self.cfg.attack,
+                       "defense": self.cfg.defense, "peft": self.cfg.peft, "model": self.cfg.model,
+                       "dataset": self.cfg.dataset, "batch_size": obs.batch_size, **self.privacy(obs.round)}
+                row.update(self._attack(obs))
+                self.recorder.row(row)
+                self.recorded.add((obs.round, obs.client))
+            elif self.attack is None:
+                self.recorder.observation(obs)
+            self.progress.updates_done(len(obs.clients) or 1)  # an aggregate stands for its clients
+        finally:
+            self.idle.set()
 
     def _iteration(self, done: int, total: int) -> None:
         """The attack reports an iteration: the progress bar, and the budget's check."""
         self.progress.attack_iterations(done, total)
+        self.stop.check()
         if self._deadline is not None and time.perf_counter() > self._deadline:
             raise AttackTimeout(f"stopped after {self.cfg.attack_timeout:g} s (--attack-timeout), at iteration "
                                 f"{done} of {total}")
@@ -210,6 +233,8 @@ class CuriousServer:
             result = Scorer.result(metrics, recon)
         except AttackTimeout as exc:
             result = {"status": "timeout", "error": str(exc)}
+        except RunInterrupted:
+            raise  # not the attack's failure: the run is stopping
         except Exception as exc:  # one failed attack must not lose the run: record it and go on
             self.recorder.failure(obs)
             result = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -275,11 +300,48 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def prepare_output(cfg: RunConfig) -> Path:
+def staging_dir(out: Path) -> Path:
+    """Where `--overwrite` writes the new run, beside the old one, until it is complete."""
+    return out.parent / f".{out.name}.partial"
+
+
+def prepare_output(cfg: RunConfig) -> tuple[Path, Path]:
+    """(the run's --out, the directory its files are written to now). These differ under
+    --overwrite of a non-empty --out: the new run is written beside it and replaces it when
+    complete, so an interrupted or failed rerun never leaves a mix of the two."""
     out = Path(cfg.out or Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S"))
     out.mkdir(parents=True, exist_ok=True)
     cfg.out = str(out)
-    return out
+    staging = staging_dir(out)
+    if cfg.resume:
+        return out, staging if staging.is_dir() else out
+    if cfg.overwrite and any(p.name != LOCK for p in out.iterdir()):
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier interrupted --overwrite: start it again
+        staging.mkdir()
+        return out, staging
+    return out, out
+
+
+def resumed_config(cfg: RunConfig) -> RunConfig:
+    """The config saved by the interrupted run in --out (or in its --overwrite staging
+    directory), to be continued as it was: options given now that differ from it are refused."""
+    if not cfg.out:
+        raise ConfigError("--resume needs --out: the directory of the run to continue")
+    out = Path(cfg.out)
+    saved_at = next((d / "config.yaml" for d in (staging_dir(out), out) if (d / "config.yaml").is_file()), None)
+    if saved_at is None:
+        raise ConfigError(f"--resume: {out} holds no config.yaml, so no fedsim run to continue")
+    saved = RunConfig.load(saved_at)
+    saved.validate_types()
+    defaults, keep = RunConfig(), ("out", "resume", "overwrite")
+    differ = [name for name in [*CORE, *cfg.options] if name not in keep
+              and cfg.value(name) != defaults.value(name) and cfg.value(name) != saved.value(name)]
+    if differ:
+        given = ", ".join(f"--{n.replace('_', '-')} {cfg.value(n)} (saved: {saved.value(n)})" for n in differ)
+        raise ConfigError(f"--resume continues the run saved in {saved_at} as it was; these options differ "
+                          f"from it: {given}. Drop them, or start a new run in another --out")
+    saved.out, saved.resume, saved.overwrite = str(out), True, False
+    return saved
 
 
 @dataclass
@@ -297,56 +359,113 @@ class RunResult:
 def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False, grid=None) -> RunResult:
     """Run one configuration end to end. With a Flower `grid` (inside a ServerApp started by
     `flwr run`, see fedsim.app) the rounds go to its nodes; otherwise `cfg.engine` simulates the
-    clients. Prints only progress; `fedsim.report.print_result` prints the result."""
+    clients. Prints only progress; `fedsim.report.print_result` prints the result. Ctrl-C or
+    SIGTERM raises `RunStopped` once the finished rows are safe (see fedsim.interrupts)."""
     console = console or Console()
+    if cfg.resume:
+        cfg = resumed_config(cfg)
     cfg.validate()
     setting = Setting(cfg)
     setting.data  # checks the batch size against every client's data, before any file is written
     attack = setting.attack()  # an attack that refuses its options fails here, before any work
     setting.task  # so does a model that cannot be built (a prompt longer than the text encoder's context)
-    out = prepare_output(cfg)
+    out, work = prepare_output(cfg)
     with output_lock(out):
-        cfg.save(out / "config.yaml")
-        return _run(cfg, setting, attack, out, console, verbose, grid)
+        cfg.save(work / "config.yaml")
+        result = _run(cfg, setting, attack, out, work, console, verbose, grid)
+    return result
 
 
-def _run(cfg: RunConfig, setting: Setting, attack, out: Path, console: Console, verbose: bool, grid) -> RunResult:
+def _run(cfg: RunConfig, setting: Setting, attack, out: Path, work: Path, console: Console, verbose: bool,
+         grid) -> RunResult:
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     quiet_flower(verbose)
     if not lpips_metric().available and cfg.attack != "none":
         console.print(f"[yellow]{lpips_metric().reason}[/]")
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=False) as progress:
-        recorder = Recorder(out, setting.knowledge.class_names)
+    stop = StopSignal()
+    recorder = Recorder(work, setting.knowledge.class_names, cfg.resume, stop)
+    with stop.installed(), Progress(*columns, console=console, transient=False) as progress:
         server = CuriousServer(setting, attack, recorder,
-                               RunProgress(progress, cfg.rounds * setting.protocol.sampled_clients, attack is not None))
+                               RunProgress(progress, cfg.rounds * setting.protocol.sampled_clients, attack is not None),
+                               stop)
         initial = {n: p.cpu() for n, p in setting.task.trainable().items()}
-        if grid is not None:
-            serve(grid, cfg, initial, setting.spec, server, server.evaluate_global)
-        else:
-            server_app = make_server_app(cfg, initial, setting.spec, server, server.evaluate_global)
-            simulate(cfg, server_app, make_client_app(cfg))
+        try:
+            if grid is not None:
+                serve(grid, cfg, initial, setting.spec, server, server.evaluate_global, stop)
+            else:
+                server_app = make_server_app(cfg, initial, setting.spec, server, server.evaluate_global, stop)
+                simulate(cfg, server_app, make_client_app(cfg), stop)
+        except (KeyboardInterrupt, RunInterrupted):
+            stop.request()
+            server.idle.wait(timeout=60)  # the server's own thread (Ray engine) ends its current step
+            progress.stop()
+            raise _stopped(stop, cfg, out, work, recorder, server) from None
         server.progress.finish()
     recorder.combined()
     timings = server.timings.as_dict()
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
+    (work / "timings.json").write_text(json.dumps(timings, indent=2))
+    write_run_page(work)
+    if work != out:  # --overwrite: the new run is complete, so it replaces the old one
+        replace_dir(work, out)
     metrics = pd.read_csv(out / "metrics.csv") if (out / "metrics.csv").exists() else pd.DataFrame()
-    return RunResult(cfg, out, pd.read_csv(out / "results.csv"), metrics, timings, write_run_page(out))
+    return RunResult(cfg, out, pd.read_csv(out / "results.csv"), metrics, timings, out / PAGE)
 
 
-def simulate(cfg: RunConfig, server_app, client_app) -> None:
+def _stopped(stop: StopSignal, cfg: RunConfig, out: Path, work: Path, recorder: Recorder,
+             server: CuriousServer) -> RunStopped:
+    """Leave an interrupted run's directory readable (picture, timings, page) and say what was kept."""
+    with stop.critical():
+        recorder.combined()
+        (work / "timings.json").write_text(json.dumps({**server.timings.as_dict(), "interrupted": True}, indent=2))
+        write_run_page(work)
+    rows = len(recorder.results.finished | server.recorded)
+    total = cfg.rounds * server.setting.protocol.sampled_clients if cfg.attack != "none" else 0
+    kept = f"{rows} of {total} rows are in {work / 'results.csv'}" if total else f"its files are in {work}"
+    old = f"; {out} still holds the previous run, untouched" if work != out else ""
+    return RunStopped(f"stopped on {stop.name}: {kept}{old}. Continue with: fedsim run --resume --out {out}",
+                      stop.exit_code)
+
+
+def replace_dir(new: Path, old: Path) -> None:
+    """Put `new` where `old` is, with `old` whole until the last moment (two renames)."""
+    trash = old.parent / f".{old.name}.old"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(old, trash)
+    os.replace(new, old)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def simulate(cfg: RunConfig, server_app, client_app, stop: StopSignal | None = None) -> None:
     """Flower's simulation engine on its Ray backend, or everything in this process."""
     if cfg.engine == "inprocess":
         from fedsim.engine import run_inprocess
 
         run_inprocess(server_app, client_app, cfg.clients)
         return
+    import ray
     from flwr.simulation import run_simulation
 
+    # Ray is started here rather than by Flower so that the run owns it: ray.init takes SIGTERM
+    # for itself (exiting without unwinding), and an interrupted run must end the Ray processes.
+    started = not ray.is_initialized()
+    if started:
+        path = os.pathsep.join([*sys.path, *filter(None, [os.environ.get("PYTHONPATH")])])
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": path, "FLWR_TELEMETRY_ENABLED": "0"}})
+        if stop is not None:
+            stop.reinstall()
     # Ask Ray for GPUs only when there are some: a GPU request without CUDA hangs the simulation.
     gpus = CLIENT_GPU_SHARE if resolve_device(cfg.device) == "cuda" else 0.0
-    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
-                      "init_args": {"include_dashboard": False, "log_to_driver": False}}
-    run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
-                   backend_name="ray", backend_config=backend_config)
+    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": gpus}}
+    try:
+        run_simulation(server_app=server_app, client_app=client_app, num_supernodes=cfg.clients,
+                       backend_name="ray", backend_config=backend_config)
+    except BaseException:
+        if stop is not None:
+            stop.request()  # Flower's server thread checks it and ends at its next step
+        raise
+    finally:
+        if started:
+            ray.shutdown()

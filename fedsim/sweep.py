@@ -26,9 +26,11 @@ Design choices (and their cost):
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
+import math
 import os
 import time
 import traceback
@@ -42,12 +44,15 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedsim.config import ConfigError, RunConfig, check_writable_dir, option_types
+from fedsim.interrupts import RunStopped, StopSignal
 from fedsim.options import declared
 
 GRID_KEYS = ("base", "grid", "trials", "report")
-SWEEP_OWNED = ("out", "overwrite", "engine")  # set by the sweep for every trial
-# where a trial writes, and how long its attacks may take, do not change what a finished attack computes
-NOT_HASHED = ("out", "overwrite", "attack_timeout")
+SWEEP_OWNED = ("out", "overwrite", "resume", "engine")  # set by the sweep for every trial
+# where a trial writes, and how long its attacks and clients may take, do not change what a
+# finished attack computes
+NOT_HASHED = ("out", "overwrite", "resume", "attack_timeout", "client_timeout")
+MAX_TRIALS = 10_000  # a grid is counted before it is expanded; a larger one is refused with its count
 TRIAL_COLUMNS = ["trial_id", "trial_status", "trial_error", "trial_seconds", "trial_finished"]
 METRICS = ("psnr", "ssim", "label_acc", "lpips", "accuracy_final", "trial_seconds")
 
@@ -102,6 +107,10 @@ def parse_grid(spec: dict, source: str = "grid") -> Grid:
     if not grid and not entries:
         raise ConfigError(f"{source}: the grid is empty; give `grid:` (field: [values, ...]) and/or "
                           "`trials:` (a list of field: value mappings)")
+    count = max(len(entries), 1) * math.prod(len(values) for values in grid.values())
+    if count > MAX_TRIALS:
+        raise ConfigError(f"{source}: the grid holds {count:,} trials, more than a sweep takes ({MAX_TRIALS:,}); "
+                          "split it into several grid files (each its own --out), or sweep fewer values")
 
     trials, seen = [], {}
     points = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
@@ -210,11 +219,36 @@ def run_trial(config: dict, out: str, cpus: float) -> dict:
 
 class ResultsTable:
     """OUT/results.parquet (and a CSV copy): one row per attacked client update, or one per trial
-    when nothing was attacked; every row carries the trial's id, status and full config."""
+    when nothing was attacked; every row carries the trial's id, status and full config.
+
+    A finished trial reaches the table at once, through OUT/results.journal (one JSON line per
+    trial, flushed and synced as it is written); the Parquet and CSV files are rewritten from it
+    at most every WRITE_EVERY_S seconds and when the sweep ends, so a sweep of thousands of
+    trials does not rewrite the whole table after each one. Loading reads both, so a sweep
+    killed at any moment loses no finished trial."""
+
+    WRITE_EVERY_S = 10.0
 
     def __init__(self, out: Path):
-        self.parquet, self.csv = out / "results.parquet", out / "results.csv"
+        self.parquet, self.csv, self.journal = out / "results.parquet", out / "results.csv", out / "results.journal"
         self.df = pd.read_parquet(self.parquet) if self.parquet.exists() else pd.DataFrame(columns=TRIAL_COLUMNS)
+        self._written = time.monotonic()
+        entries = self._journal_entries()
+        for entry in entries:
+            self._merge(entry["trial_id"], pd.DataFrame(entry["rows"]))
+        if entries:
+            self.write()
+
+    def _journal_entries(self) -> list[dict]:
+        if not self.journal.exists():
+            return []
+        entries = []
+        for line in self.journal.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entries.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a killed sweep: its trial runs again
+        return entries
 
     def finished(self) -> set[str]:
         return set(self.df.loc[self.df["trial_status"] == "ok", "trial_id"])
@@ -222,15 +256,25 @@ class ResultsTable:
     def add(self, trial: Trial, rows: list[dict], status: str, error: str | None, seconds: float,
             accuracy: float = float("nan")) -> None:
         config = {k: v for k, v in trial.config.to_dict().items() if k not in NOT_HASHED}
-        stamp = pd.Timestamp.now(tz="UTC")
-        new = pd.DataFrame([{**config, **row, "trial_id": trial.id, "trial_status": status, "trial_error": error,
-                             "trial_seconds": seconds, "trial_finished": stamp, "accuracy_final": accuracy}
-                            for row in rows or [{}]])
-        kept = self.df[self.df["trial_id"] != trial.id]  # a failed trial's earlier rows are replaced
-        self.df = new if kept.empty else pd.concat([kept, new], ignore_index=True)
-        self._write()
+        stamp = pd.Timestamp.now(tz="UTC").isoformat()
+        new = [{**config, **row, "trial_id": trial.id, "trial_status": status, "trial_error": error,
+                "trial_seconds": seconds, "trial_finished": stamp, "accuracy_final": accuracy}
+               for row in rows or [{}]]
+        with self.journal.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"trial_id": trial.id, "rows": new}, default=_plain) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._merge(trial.id, pd.DataFrame(new))
+        if time.monotonic() - self._written > self.WRITE_EVERY_S:
+            self.write()
 
-    def _write(self) -> None:
+    def _merge(self, trial_id: str, new: pd.DataFrame) -> None:
+        new["trial_finished"] = pd.to_datetime(new["trial_finished"], utc=True)
+        kept = self.df[self.df["trial_id"] != trial_id]  # a failed trial's earlier rows are replaced
+        self.df = new if kept.empty else pd.concat([kept, new], ignore_index=True)
+
+    def write(self) -> None:
+        """Rewrite the Parquet and CSV files from everything known, then empty the journal."""
         front = [c for c in TRIAL_COLUMNS if c in self.df]
         self.df = self.df[front + [c for c in self.df.columns if c not in front]]
         for path, write in ((self.parquet, lambda p: self.df.to_parquet(p, index=False)),
@@ -238,6 +282,13 @@ class ResultsTable:
             tmp = path.with_name(path.name + ".tmp")
             write(tmp)
             os.replace(tmp, path)  # atomic: readers see the old table or the new one, never half
+        self.journal.unlink(missing_ok=True)  # all of it is in the table now
+        self._written = time.monotonic()
+
+
+def _plain(value):
+    """JSON for numpy scalars and the like."""
+    return value.item() if hasattr(value, "item") else str(value)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -286,42 +337,62 @@ def sweep(grid: Grid, out: Path, address: str | None = None, gpus_per_trial: flo
         ensure_pretrained(console=console)
     start = time.perf_counter()
     started_ray = not ray.is_initialized()
-    if started_ray:
-        env = {"env_vars": {"FLWR_TELEMETRY_ENABLED": "0"}}
-        kwargs = {"address": address} if address else {"include_dashboard": False}
-        ray.init(**kwargs, runtime_env=env, log_to_driver=False, configure_logging=False)
-    ray_start = time.perf_counter() - start
-    try:
-        gpus = _gpu_request(gpus_per_trial, ray.cluster_resources().get("GPU", 0.0))
-        console.print(f"Ray: {ray.cluster_resources().get('CPU', 0):g} CPUs, "
-                      f"{ray.cluster_resources().get('GPU', 0):g} GPUs; each trial asks for {cpus_per_trial:g} "
-                      f"CPU and {gpus:g} GPU")
-        remote = ray.remote(run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus, max_retries=1,
-                                               retry_exceptions=False)
-        t0 = time.perf_counter()
-        ran, failed, spans = _run_trials(remote, todo, table, out, cpus_per_trial, max_concurrent, console)
-        wall = time.perf_counter() - t0
-    finally:
-        if started_ray:
-            ray.shutdown()
+    stop = StopSignal()
+    with stop.installed():
+        try:
+            if started_ray:
+                env = {"env_vars": {"FLWR_TELEMETRY_ENABLED": "0"}}
+                kwargs = {"address": address} if address else {"include_dashboard": False}
+                ray.init(**kwargs, runtime_env=env, log_to_driver=False, configure_logging=False)
+                stop.reinstall()  # ray.init takes SIGTERM for itself
+            ray_start = time.perf_counter() - start
+            resources = ray.cluster_resources()
+            gpus = _gpu_request(gpus_per_trial, resources.get("GPU", 0.0))
+            window = max_concurrent or submission_window(resources, cpus_per_trial, gpus)
+            console.print(f"Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs; each trial "
+                          f"asks for {cpus_per_trial:g} CPU and {gpus:g} GPU; at most {window} submitted at once")
+            remote = ray.remote(run_trial).options(num_cpus=cpus_per_trial, num_gpus=gpus, max_retries=1,
+                                                   retry_exceptions=False)
+            t0 = time.perf_counter()
+            ran, failed, spans = _run_trials(remote, todo, table, out, cpus_per_trial, window, console, stop)
+            wall = time.perf_counter() - t0
+        except KeyboardInterrupt:
+            stop.request()
+            done = len(table.finished() & {t.id for t in grid.trials})
+            raise RunStopped(f"stopped on {stop.name}: {done} of {len(grid.trials)} trials are in "
+                             f"{table.parquet}. Run the same command again to continue", stop.exit_code) from None
+        finally:
+            table.write()
+            if started_ray:
+                ray.shutdown()
     report(grid, table.df, out, console)
     return SweepSummary(ran, skipped, failed, ray_start, wall, table.df, spans)
 
 
+def submission_window(resources: dict, cpus_per_trial: float, gpus_per_trial: float) -> int:
+    """How many trials are submitted to Ray at once when --max-concurrent is not given: twice
+    what the cluster can run together, so a worker never waits for the driver, while a grid of
+    thousands is not handed to Ray (and held in memory) all at once."""
+    fits = resources.get("CPU", 1.0) / cpus_per_trial
+    if gpus_per_trial:
+        fits = min(fits, resources.get("GPU", 0.0) / gpus_per_trial)
+    return max(1, 2 * int(fits))
+
+
 def _run_trials(remote, todo: list[Trial], table: ResultsTable, out: Path, cpus: float,
-                max_concurrent: int | None, console: Console):
-    """Submit trials (at most max_concurrent in flight) and record each one as it finishes."""
+                window: int, console: Console, stop: StopSignal):
+    """Submit trials (at most `window` in flight) and record each one as it finishes."""
     import ray
 
     ran, failed, pending, spans = [], [], {}, {}
-    queue = list(todo)
+    queue = collections.deque(todo)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
         with Progress(*columns, console=console) as progress:
             bar = progress.add_task("trials", total=len(todo))
             while queue or pending:
-                while queue and (max_concurrent is None or len(pending) < max_concurrent):
-                    trial = queue.pop(0)
+                while queue and len(pending) < window:
+                    trial = queue.popleft()
                     config = {k: v for k, v in trial.config.to_dict().items() if k not in NOT_HASHED}
                     ref = remote.remote(config, str(out / "trials" / trial.id), cpus)
                     pending[ref] = (trial, time.perf_counter())
@@ -329,13 +400,15 @@ def _run_trials(remote, todo: list[Trial], table: ResultsTable, out: Path, cpus:
                 trial, submitted = pending.pop(ref)
                 try:
                     result = ray.get(ref)
-                    table.add(trial, result["rows"], "ok", None, result["seconds"], result["accuracy_final"])
+                    with stop.critical():  # Ctrl-C waits for the trial's line in the journal
+                        table.add(trial, result["rows"], "ok", None, result["seconds"], result["accuracy_final"])
                     spans[trial.id] = result["span"]
                 except Exception as exc:  # a failed trial is a row in the table; the sweep goes on
                     error = _error_text(exc)
                     with (out / "errors.log").open("a") as log:
                         log.write(f"trial {trial.id}\n{traceback.format_exc()}\n")
-                    table.add(trial, [], "failed", error, time.perf_counter() - submitted)
+                    with stop.critical():
+                        table.add(trial, [], "failed", error, time.perf_counter() - submitted)
                     failed.append(trial.id)
                     progress.console.print(f"[red]trial {trial.id} failed:[/] {error}")
                 ran.append(trial.id)

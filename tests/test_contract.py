@@ -176,9 +176,11 @@ def test_a_third_party_option_works_on_the_command_line_in_grids_and_the_flwr_co
     from importlib import invalidate_caches
 
     from fedsim.options import declared
+    from fedsim.plugins import available
 
     invalidate_caches()
     declared.cache_clear()
+    available.cache_clear()
     try:
         from fedsim.sweep import parse_grid
 
@@ -191,6 +193,7 @@ def test_a_third_party_option_works_on_the_command_line_in_grids_and_the_flwr_co
         sys.path.remove(str(third_party))
         invalidate_caches()
         declared.cache_clear()
+        available.cache_clear()
 
 
 def imported_modules(package: str) -> dict[str, set[str]]:
