@@ -16,7 +16,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from fedsim.options import ConfigError, cast_number, declared
+from fedsim.options import ConfigError, cast_number, declared, shown
 from fedsim.protocol import PROTOCOLS
 
 __all__ = ["RunConfig", "ConfigError", "CLASSIC_MODELS", "CLIP_PEFT", "GROUPS"]
@@ -203,7 +203,7 @@ class RunConfig:
             ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool)) or (
                 kind is float and isinstance(value, int) and not isinstance(value, bool))
             if not ok:
-                raise ConfigError(f"--{name.replace('_', '-')} takes a {kind.__name__}, got {value!r}")
+                raise ConfigError(f"--{name.replace('_', '-')} takes a {kind.__name__}, got {shown(value)}")
 
     def validate_data(self) -> None:
         """The checks on the fields that define the data and its partition."""
@@ -219,9 +219,9 @@ class RunConfig:
             raise ConfigError(f"--alpha must be > 0, got {self.alpha}")
         _seed(self, "seed")
         if not IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1]:  # the whole dataset is held at this size
+            mib = f"{12 * self.image_size ** 2 / 2**20:,.1f} MiB" if self.image_size < 2**40 else "beyond any memory"
             raise ConfigError(f"--image-size must be in {IMAGE_SIZES[0]}..{IMAGE_SIZES[1]} pixels, got "
-                              f"{self.image_size} (a 3 x {self.image_size}^2 float image takes "
-                              f"{12 * self.image_size ** 2 / 2**20:,.1f} MiB)")
+                              f"{self.image_size} (a 3 x {self.image_size}^2 float image takes {mib})")
         if self.synthetic_classes > SYNTHETIC_MAX_CLASSES:
             raise ConfigError(f"--synthetic-classes {self.synthetic_classes} is too many; valid: "
                               f"1..{SYNTHETIC_MAX_CLASSES}")
@@ -286,7 +286,11 @@ class RunConfig:
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a text file (YAML, UTF-8)") from None
+        except RecursionError:
+            raise ConfigError(f"{path} is nested too deeply to be a run config") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import sys
 import time
 import typing
@@ -27,7 +28,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedsim.config import ConfigError, RunConfig
 from fedsim.harness import Setting
 from fedsim.interrupts import StopSignal
-from fedsim.models import resolve_device
+from fedsim.models import derive_seed, resolve_device
 from fedsim.observation import Observation
 from fedsim.plugins import make_defense
 from fedsim.protocol import Protocol, observation
@@ -134,7 +135,9 @@ class CuriousFedAvg(FedAvg):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]):
-        replies = list(replies)
+        # Replies arrive in the order clients were sampled or finished; summed in client order,
+        # the average (so the next global model) is the same to the last bit in every run.
+        replies = sorted(replies, key=lambda m: -1 if m.has_error() else int(m.content[CLIENT_KEY]["client-id"]))
         self.listener.replies_received(server_round, sum(
             float(m.content[METRICS_KEY].get("train-seconds", 0.0)) for m in replies if not m.has_error()))
         observations = [self.observe(server_round, m) for m in replies if not m.has_error()]
@@ -166,6 +169,7 @@ class WatchedGrid(Grid):
 
     def __init__(self, grid: Grid, timeout: float, stop: StopSignal | None = None):
         self.grid, self.timeout, self.stop = grid, timeout, stop or StopSignal()
+        self.unanswered = 0  # messages whose reply did not come within the timeout
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -198,6 +202,7 @@ class WatchedGrid(Grid):
             if waiting:
                 time.sleep(self.POLL_S)
         self.stop.check()
+        self.unanswered += len(waiting)
         return replies
 
 
@@ -219,6 +224,18 @@ def serve(grid: Grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: di
     """The curious FedAvg strategy's rounds over the nodes of `grid`; under secure aggregation,
     Flower's SecAgg+ workflow with the legacy-API curious strategy (fedsim.secagg)."""
     grid = WatchedGrid(grid, cfg.client_timeout, stop)
+    # Flower samples each round's clients with Python's `random`: seeded from the public model
+    # seed (the server's, never the clients' data seed), a rerun or a --resume samples the same.
+    random.seed(derive_seed(cfg.model_seed, "client sampling"))
+    try:
+        _rounds(grid, cfg, initial, spec, listener, evaluate_fn)
+    finally:
+        if grid.unanswered:
+            end_client_actors()
+
+
+def _rounds(grid: Grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: dict, listener: Listener,
+            evaluate_fn) -> None:
     defense = make_defense(cfg)
     workflow = defense.fit_workflow(max_examples(cfg))
     if workflow is not None:
@@ -232,6 +249,21 @@ def serve(grid: Grid, cfg: RunConfig, initial: dict[str, torch.Tensor], spec: di
     ))
     strategy.start(grid=grid, initial_arrays=ArrayRecord(initial), num_rounds=cfg.rounds,
                    evaluate_fn=evaluate_fn)
+
+
+def end_client_actors() -> None:
+    """Flower's simulation engine waits for every client call it started, even one the server
+    gave up on (--client-timeout), so a client that never answers would hold the run open
+    forever. Once the rounds are over, end the Ray client actors this process started (its own
+    descendants only; under `flwr run` the clients are other machines' and nothing is touched)."""
+    import psutil
+
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith("ray::ClientAppActor"):
+                proc.kill()
+        except psutil.Error:
+            continue  # already gone
 
 
 def max_examples(cfg: RunConfig) -> int:

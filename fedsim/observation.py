@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from fedsim.options import shown
 from fedsim.protocol import UPDATE_KINDS, Params, pseudo_gradient
 
 FORMAT_VERSION = 2  # 2: model_spec's model_seed is the model's own seed, not one derived from the data seed
@@ -100,7 +101,7 @@ def check_saved(blob: dict, path) -> None:
     for key, kind in META.items():
         value = meta[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            bad(f"metadata {key} is {value!r} ({type(value).__name__})")
+            bad(f"metadata {key} is {shown(value)} ({type(value).__name__})")
     if meta["kind"] not in UPDATE_KINDS:
         bad(f"update kind {meta['kind']!r}; valid: {', '.join(UPDATE_KINDS)}")
     for key, low in (("round", 1), ("client", -1), ("batch_size", 1), ("local_steps", 1)):
@@ -109,7 +110,7 @@ def check_saved(blob: dict, path) -> None:
     if not (math.isfinite(meta["lr"]) and meta["lr"] > 0):
         bad(f"learning rate {meta['lr']!r}; it must be a finite number > 0")
     if not all(isinstance(c, int) and not isinstance(c, bool) for c in meta["clients"]):
-        bad(f"clients {meta['clients']!r} must be client ids")
+        bad(f"clients {shown(meta['clients'])} must be client ids")
     for part in ("update", "global_params"):
         tensors = blob[part]
         if not isinstance(tensors, dict) or not tensors:

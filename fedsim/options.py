@@ -11,6 +11,7 @@ plugin's options work everywhere its name does.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -50,7 +51,7 @@ class Option:
             if not math.isfinite(value):
                 raise ConfigError(f"{flag} must be a finite number, got {value}")
         elif not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
-            raise ConfigError(f"{flag} takes a {self.kind.__name__}, got {value!r}")
+            raise ConfigError(f"{flag} takes a {self.kind.__name__}, got {shown(value)}")
         if self.choices and value not in self.choices:
             raise ConfigError(f"{flag} {value!r} is not valid; valid: {', '.join(map(str, self.choices))}")
         if self.check is not None and not self.check(value):
@@ -63,6 +64,17 @@ class Option:
         return cast_number(self.kind, value)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 80, 80, 40
+_SHORT.maxdict = _SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = 6
+
+
+def shown(value: Any) -> str:
+    """A value quoted in an error message, cut short: a file may hold a huge or deeply nested
+    value (a YAML alias bomb expands to millions of items) that must not become the message."""
+    return _SHORT.repr(value)
+
+
 def cast_number(kind: type, value: Any) -> Any:
     """A number read from TOML or YAML as `kind`: 1 for a float option is 1.0 (TOML writes 1.0
     as 1), 3.0 for an int option is 3; anything else (2.7 for an int) is left for validation to
@@ -71,7 +83,7 @@ def cast_number(kind: type, value: Any) -> Any:
         return value
     if kind is float:
         return float(value)
-    if kind is int and float(value).is_integer():
+    if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     return value
 

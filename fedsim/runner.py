@@ -8,6 +8,7 @@ the seeded schedule (it never travels with the update) -> RunResult.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from fedsim.evaluate import lpips_metric
 from fedsim.flower import make_client_app, make_server_app, quiet_flower, serve
 from fedsim.harness import Scorer, Setting, Truth
 from fedsim.interrupts import RunInterrupted, RunStopped, StopSignal
+from fedsim.memory import check_memory
 from fedsim.models import resolve_device
 from fedsim.observation import Observation, non_finite
 from fedsim.pages import PAGE, write_run_page
@@ -262,6 +264,8 @@ def single_cpu_thread(device):
 
 
 LOCK = ".fedsim.lock"
+# a full disk, an exhausted quota, a file system gone read-only: the run stops, its rows kept
+WRITE_FAILURES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG)
 
 
 @contextmanager
@@ -365,6 +369,7 @@ def run(cfg: RunConfig, console: Console | None = None, verbose: bool = False, g
     if cfg.resume:
         cfg = resumed_config(cfg)
     cfg.validate()
+    check_memory(cfg)  # a run this machine cannot hold is refused with the numbers, before any work
     setting = Setting(cfg)
     setting.data  # checks the batch size against every client's data, before any file is written
     attack = setting.attack()  # an attack that refuses its options fails here, before any work
@@ -402,6 +407,13 @@ def _run(cfg: RunConfig, setting: Setting, attack, out: Path, work: Path, consol
             server.idle.wait(timeout=60)  # the server's own thread (Ray engine) ends its current step
             progress.stop()
             raise _stopped(stop, cfg, out, work, recorder, server) from None
+        except OSError as exc:
+            if exc.errno not in WRITE_FAILURES:
+                raise
+            rows = len(recorder.results.finished | server.recorded)
+            raise ConfigError(f"cannot write into {work}: {exc.strerror} ({exc.filename or 'a run file'}). The "
+                              f"{rows} rows finished before it are in {work / 'results.csv'}; make room, then "
+                              f"continue with: fedsim run --resume --out {out}") from None
         server.progress.finish()
     recorder.combined()
     timings = server.timings.as_dict()

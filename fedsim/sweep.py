@@ -45,7 +45,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedsim.config import ConfigError, RunConfig, check_writable_dir, option_types
 from fedsim.interrupts import RunStopped, StopSignal
-from fedsim.options import declared
+from fedsim.options import declared, shown
 
 GRID_KEYS = ("base", "grid", "trials", "report")
 SWEEP_OWNED = ("out", "overwrite", "resume", "engine")  # set by the sweep for every trial
@@ -79,7 +79,11 @@ def load_grid(path: Path) -> Grid:
     if not path.is_file():
         raise ConfigError(f"grid file {path} does not exist")
     try:
-        spec = yaml.safe_load(path.read_text())
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"grid file {path} is not a text file (YAML, UTF-8)") from None
+    except RecursionError:
+        raise ConfigError(f"grid file {path} is nested too deeply to be a grid") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"grid file {path} is not valid YAML: {exc}") from None
     if not isinstance(spec, dict):
@@ -94,15 +98,15 @@ def parse_grid(spec: dict, source: str = "grid") -> Grid:
     base = _fields(spec.get("base") or {}, f"{source}: base")
     grid = spec.get("grid") or {}
     if not isinstance(grid, dict):
-        raise ConfigError(f"{source}: grid must map field names to lists of values, got {grid!r}")
+        raise ConfigError(f"{source}: grid must map field names to lists of values, got {shown(grid)}")
     for name, values in grid.items():
         if not isinstance(values, list) or not values:
-            raise ConfigError(f"{source}: grid.{name} must be a non-empty list of values, got {values!r}")
+            raise ConfigError(f"{source}: grid.{name} must be a non-empty list of values, got {shown(values)}")
         for value in values:
             _fields({name: value}, f"{source}: grid.{name}")
     entries = spec.get("trials") or []
     if not isinstance(entries, list):
-        raise ConfigError(f"{source}: trials must be a list of mappings, got {entries!r}")
+        raise ConfigError(f"{source}: trials must be a list of mappings, got {shown(entries)}")
     entries = [_fields(entry, f"{source}: trials[{i}]") for i, entry in enumerate(entries)]
     if not grid and not entries:
         raise ConfigError(f"{source}: the grid is empty; give `grid:` (field: [values, ...]) and/or "
@@ -137,15 +141,15 @@ def parse_grid(spec: dict, source: str = "grid") -> Grid:
 def _fields(values: Any, where: str) -> dict[str, Any]:
     """Check names against RunConfig's fields and values against their types."""
     if not isinstance(values, dict):
-        raise ConfigError(f"{where} must be a mapping of field: value, got {values!r}")
+        raise ConfigError(f"{where} must be a mapping of field: value, got {shown(values)}")
     types = option_types()
     valid = [name for name in types if name not in SWEEP_OWNED]
     for name, value in values.items():
         if name in SWEEP_OWNED:
-            raise ConfigError(f"{where}: {name!r} is set by the sweep (trials run in OUT/trials/<id> with "
+            raise ConfigError(f"{where}: {shown(name)} is set by the sweep (trials run in OUT/trials/<id> with "
                               "the in-process engine); remove it")
         if name not in types:
-            raise ConfigError(f"{where}: unknown field {name!r}; valid: {', '.join(valid)}")
+            raise ConfigError(f"{where}: unknown field {shown(name)}; valid: {', '.join(valid)}")
         want = types[name]
         if value is None and name in declared() and declared()[name].option.default is None:
             continue  # an unset plugin option (the attack's own default)
@@ -154,7 +158,7 @@ def _fields(values: Any, where: str) -> dict[str, Any]:
               isinstance(value, (int, float)) and not isinstance(value, bool) if want is float else
               isinstance(value, want))
         if not ok:
-            raise ConfigError(f"{where}: {name} = {value!r} is a {type(value).__name__}; "
+            raise ConfigError(f"{where}: {name} = {shown(value)} is a {type(value).__name__}; "
                               f"{name} takes a {want.__name__}")
     return {k: float(v) if types[k] is float else v for k, v in values.items()}
 
@@ -166,7 +170,7 @@ def _describe(*parts: dict) -> str:
 
 def _report_spec(report: Any, swept: list[str], source: str) -> dict[str, list[str]]:
     if not isinstance(report, dict) or set(report) - {"rows", "columns", "values"}:
-        raise ConfigError(f"{source}: report takes rows, columns and values (lists of names), got {report!r}")
+        raise ConfigError(f"{source}: report takes rows, columns and values (lists of names), got {shown(report)}")
     spec = {k: [v] if isinstance(v, str) else list(v) for k, v in report.items()}
     axes = [s for s in swept if s != "seed"]  # seeds are what the median is taken over
     spec.setdefault("rows", axes[:1] or ["attack"])
@@ -175,11 +179,11 @@ def _report_spec(report: Any, swept: list[str], source: str) -> dict[str, list[s
     names = set(option_types())
     for name in spec["rows"] + spec["columns"]:
         if name not in names:
-            raise ConfigError(f"{source}: report axis {name!r} is not a config field; "
+            raise ConfigError(f"{source}: report axis {shown(name)} is not a config field; "
                               f"valid: {', '.join(sorted(names))}")
     for name in spec["values"]:
         if name not in METRICS:
-            raise ConfigError(f"{source}: report value {name!r} is not valid; valid: {', '.join(METRICS)}")
+            raise ConfigError(f"{source}: report value {shown(name)} is not valid; valid: {', '.join(METRICS)}")
     return spec
 
 

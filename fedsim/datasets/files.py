@@ -9,6 +9,7 @@ Caltech-101 about 0.1 GB but decoding its 8,677 JPEGs takes a while.
 from __future__ import annotations
 
 import pickle
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -159,9 +160,14 @@ def _read_image(path: Path, image_size: int) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.draft("RGB", (2 * image_size, 2 * image_size))  # JPEG: decode at reduced size
-            rgb = np.asarray(image.convert("RGB"))
+        with warnings.catch_warnings():
+            # PIL only warns between its limit and twice it; both are far beyond a dataset image
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                image.draft("RGB", (2 * image_size, 2 * image_size))  # JPEG: decode at reduced size
+                rgb = np.asarray(image.convert("RGB"))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ConfigError(f"image {path} is refused: {exc}") from None
     except (OSError, UnidentifiedImageError) as exc:
         raise ConfigError(f"cannot read image {path}: {exc}") from None
     chw = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1))).float()[None] / 255.0

@@ -4,6 +4,7 @@ trainable (PEFT) parameters require gradients."""
 from __future__ import annotations
 
 import hashlib
+import pickle
 from typing import Any
 
 import torch
@@ -44,11 +45,19 @@ def build_model(spec: dict[str, Any]) -> nn.Module:
             pretrained = str(ensure_pretrained())
         try:
             clip, tokenizer = create_clip(clip_name, pretrained)
-        except (RuntimeError, OSError, ValueError) as exc:
+        except Exception as exc:  # a checkpoint is the user's file: whatever is wrong with it, say so
             raise ConfigError(f"could not load --model {spec['model']} --pretrained {spec['pretrained']}: "
-                              f"{exc}. Offline, pass a local checkpoint file to --pretrained.") from exc
+                              f"{_load_failure(exc)}. Pass an open_clip checkpoint file (a state dict saved "
+                              "with torch.save, or safetensors) or, online, an open_clip pretrained tag") from None
         model = _peft(spec, clip, tokenizer, names)
     return model.eval()
+
+
+def _load_failure(exc: Exception) -> str:
+    if isinstance(exc, pickle.UnpicklingError):  # torch.load(weights_only=True) refused it
+        return "the file is not a checkpoint of tensors (it could only be read by running code it holds)"
+    first = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {first[0] if first else ''}"
 
 
 def _peft(spec: dict[str, Any], clip: nn.Module, tokenizer, names: list[str]) -> CLIPClassifier:
