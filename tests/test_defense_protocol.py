@@ -48,18 +48,18 @@ def test_secagg_runs_flower_secaggplus_and_the_attack_gets_only_the_aggregate(tm
     from fedsim.engine import LocalGrid
 
     replies = []
-    send = LocalGrid.send_and_receive
+    pull = LocalGrid.pull_messages
 
-    def recording(self, messages, *, timeout=None):
-        out = list(send(self, messages, timeout=timeout))
+    def recording(self, message_ids):
+        out = list(pull(self, message_ids))
         replies.extend(out)
         return out
 
-    monkeypatch.setattr(LocalGrid, "send_and_receive", recording)
+    monkeypatch.setattr(LocalGrid, "pull_messages", recording)
     secure = observed(lenet_run(tmp_path, "secagg", defense="secagg", protocol=protocol))
     assert replies and not any(m.has_error() for m in replies)
     assert all(len(a) == 0 for m in replies for a in m.content.array_records.values())  # masked: no arrays
-    monkeypatch.setattr(LocalGrid, "send_and_receive", send)
+    monkeypatch.setattr(LocalGrid, "pull_messages", pull)
     each = observed(lenet_run(tmp_path, "plain", protocol=protocol))
     assert list(secure) == [-1] and sorted(secure[-1].clients) == [0, 1, 2] and secure[-1].batch_size == 6
     assert secure[-1].kind == each[0].kind

@@ -18,12 +18,12 @@ from fedsim.report import ResultsWriter
 from fedsim.runner import LOCK, run, staging_dir
 
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
-RUN = dict(model="lenet", peft="full", attack="dlg", attack_iters=20, clients=3, rounds=2)
+RUN = dict(model="lenet", peft="full", attack="dlg", attack_iters=10, clients=3, rounds=2)
 ROWS = 6  # clients x rounds
 
 
 def run_args(out: Path, engine: str = "inprocess") -> list[str]:
-    return ["run", "--model", "lenet", "--peft", "full", "--attack", "dlg", "--attack-iters", "20", "--clients", "3",
+    return ["run", "--model", "lenet", "--peft", "full", "--attack", "dlg", "--attack-iters", "10", "--clients", "3",
             "--rounds", "2", "--engine", engine, "--out", str(out)]
 
 
@@ -72,8 +72,7 @@ def uninterrupted(tmp_path_factory) -> pd.DataFrame:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGKILL, -9)],
-                         ids=["SIGINT", "SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGKILL, -9)], ids=["SIGINT", "SIGKILL"])
 def test_a_signal_keeps_the_finished_rows_and_resume_gives_the_uninterrupted_table(
         sig, code, tmp_path, uninterrupted):
     out = tmp_path / "run"
@@ -166,14 +165,16 @@ def test_an_interrupted_overwrite_leaves_the_old_run_whole(tmp_path, monkeypatch
 
 
 @pytest.mark.slow
-def test_ctrl_c_on_the_ray_engine_stops_at_once_and_ends_ray(tmp_path):
+def test_sigterm_on_the_ray_engine_stops_at_once_and_ends_ray(tmp_path):
+    """Ctrl-C takes the same path (the in-process test above); SIGTERM under Ray used to end in
+    Ray's own handler's stack dump."""
     out = tmp_path / "run"
     proc = start(run_args(out, engine="ray"))
     wait_for(lambda: rows_in(out / "results.csv") >= 1, proc)
     signalled = time.monotonic()
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 130, output
+    assert proc.returncode == 143, output
     assert time.monotonic() - signalled < 60  # not after attacking every remaining client
     assert "Continue with: fedsim run --resume" in " ".join(output.split())
     assert group_gone(proc.pid), "Ray processes left behind"
@@ -213,29 +214,9 @@ def test_a_client_that_never_answers_is_left_out_after_the_client_timeout(tmp_pa
 
 
 SWEEP_GRID = """
-base: {model: lenet, peft: full, attack: dlg, attack_iters: 20, clients: 2}
-grid: {seed: [0, 1, 2, 3]}
+base: {model: lenet, peft: full, attack: dlg, attack_iters: 10, clients: 1}
+grid: {seed: [0, 1, 2]}
 """
-
-
-@pytest.mark.slow
-def test_a_killed_sweep_resumes_without_running_a_finished_trial_again(tmp_path):
-    from fedsim.sweep import ResultsTable, load_grid, sweep
-
-    grid_file, out = tmp_path / "grid.yaml", tmp_path / "sweep"
-    grid_file.write_text(SWEEP_GRID)
-    proc = start(["sweep", str(grid_file), "--out", str(out), "--max-concurrent", "1"])
-    wait_for(lambda: (out / "results.journal").exists() or (out / "results.parquet").exists(), proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert group_gone(proc.pid)
-    finished = ResultsTable(out).finished()
-    assert finished  # in the journal, though the killed sweep never rewrote its table
-    summary = sweep(load_grid(grid_file), out, max_concurrent=2)
-    assert set(summary.skipped) == finished and not set(summary.ran) & finished
-    assert len(summary.skipped) + len(summary.ran) == 4 and not summary.failed
-    assert set(pd.read_parquet(out / "results.parquet")["trial_id"]) == {t.id for t in load_grid(grid_file).trials}
-    assert not (out / "results.journal").exists()  # all of it is in the table now
 
 
 def own_ray_processes(temp_dir: str) -> list:
@@ -282,15 +263,19 @@ def test_a_sweep_loses_a_worker_node_and_no_finished_trial(tmp_path):
         grid_file.write_text(SWEEP_GRID)
         grid = load_grid(grid_file)
 
+        killed = []
+
         def kill_worker_node_when_a_trial_is_done():
             deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and not (out / "results.journal").exists():
+            while time.monotonic() < deadline and not ((out / "results.journal").exists()
+                                                       or (out / "results.parquet").exists()):
                 time.sleep(0.2)
             for proc in own_ray_processes(temp_dir):  # the worker node's raylet and what it started
                 if any(f"--node_manager_port={worker_port}" in part for part in proc.cmdline()):
                     for child in proc.children(recursive=True):
                         child.kill()
                     proc.kill()
+                    killed.append(proc.pid)
 
         import threading
 
@@ -298,10 +283,11 @@ def test_a_sweep_loses_a_worker_node_and_no_finished_trial(tmp_path):
         killer.start()
         summary = sweep(grid, out, address=f"127.0.0.1:{port}")
         killer.join(timeout=60)
+        assert killed, "the worker node's raylet was not found"
         finished = ResultsTable(out).finished()
-        assert len(finished) + len(summary.failed) == 4  # every trial is in the table, ok or failed
+        assert len(finished) + len(summary.failed) == 3  # every trial is in the table, ok or failed
         again = sweep(grid, out, address=f"127.0.0.1:{port}")  # a resume runs only what did not finish
-        assert set(again.skipped) == finished and len(ResultsTable(out).finished()) == 4
+        assert set(again.skipped) == finished and len(ResultsTable(out).finished()) == 3
     finally:
         for proc in own_ray_processes(temp_dir):
             try:

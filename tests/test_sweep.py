@@ -66,10 +66,12 @@ def test_grid_crosses_the_list_with_the_product_and_ids_follow_the_config():
     assert trial_id(moved) == grid.trials[0].id  # where a trial writes is not part of its identity
 
 
-def test_a_crash_while_writing_leaves_the_previous_table_whole(tmp_path, monkeypatch):
+def test_a_crash_while_writing_leaves_the_previous_table_whole_and_the_journal_the_rest(tmp_path, monkeypatch):
     first, second = parse_grid({"base": TINY, "grid": {"seed": [0, 1]}}).trials
     table = ResultsTable(tmp_path)
     table.add(first, [{"client": 0, "psnr": 12.5}, {"client": 1, "psnr": 13.0}], "ok", None, 1.0)
+    table.write()
+    table.add(second, [{"client": 0, "psnr": 9.0}], "ok", None, 1.0)  # in the journal at once
 
     def crash(df, path, **kwargs):  # dies halfway through writing the new table
         Path(path).write_bytes(b"PAR1 half a file")
@@ -77,11 +79,13 @@ def test_a_crash_while_writing_leaves_the_previous_table_whole(tmp_path, monkeyp
 
     monkeypatch.setattr(pd.DataFrame, "to_parquet", crash)
     with pytest.raises(OSError):
-        table.add(second, [{"client": 0, "psnr": 9.0}], "ok", None, 1.0)
+        table.write()
     monkeypatch.undo()
-    kept = ResultsTable(tmp_path)  # what a resumed sweep reads
-    assert kept.finished() == {first.id} and kept.df["psnr"].tolist() == [12.5, 13.0]
-    assert pd.read_csv(tmp_path / "results.csv")["psnr"].tolist() == [12.5, 13.0]
+    assert pd.read_parquet(tmp_path / "results.parquet")["psnr"].tolist() == [12.5, 13.0]  # the previous, whole
+    (tmp_path / "results.journal").open("a").write('{"trial_id": "cut sh')  # and a line a kill cut short
+    kept = ResultsTable(tmp_path)  # what a resumed sweep reads: the table, then the journal
+    assert kept.finished() == {first.id, second.id} and kept.df["psnr"].tolist() == [12.5, 13.0, 9.0]
+    assert pd.read_csv(tmp_path / "results.csv")["psnr"].tolist() == [12.5, 13.0, 9.0]
 
 
 @pytest.fixture(scope="module")
@@ -168,15 +172,17 @@ def test_a_sweep_killed_midway_resumes_with_only_the_missing_trials(tmp_path, lo
                             env=env, start_new_session=True)
     try:
         deadline = time.time() + 240
-        while not (out / "results.parquet").exists() and proc.poll() is None and time.time() < deadline:
+        while not any((out / name).exists() for name in ("results.journal", "results.parquet")) \
+                and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole driver, mid-sweep
         proc.wait()
     grid = load_grid(grid_file)
-    finished = set(pd.read_parquet(out / "results.parquet")["trial_id"])
+    before = ResultsTable(out).df  # the table the killed sweep wrote, and its journal
+    finished = set(before["trial_id"])
     assert 1 <= len(finished) < 4, "the sweep was meant to be killed between trials"
-    stamps = pd.read_parquet(out / "results.parquet").set_index("trial_id")["trial_finished"]
+    stamps = before.set_index("trial_id")["trial_finished"]
 
     summary = sweep(grid, out)
     assert sorted(summary.ran) == sorted(t.id for t in grid.trials if t.id not in finished)
