@@ -34,6 +34,7 @@ import math
 import os
 import time
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -345,6 +346,7 @@ def sweep(grid: Grid, out: Path, address: str | None = None, gpus_per_trial: flo
     with stop.installed():
         try:
             if started_ray:
+                warnings.filterwarnings("ignore", message=".*Ray will no longer override accelerator")  # a tip
                 env = {"env_vars": {"FLWR_TELEMETRY_ENABLED": "0"}}
                 kwargs = {"address": address} if address else {"include_dashboard": False}
                 ray.init(**kwargs, runtime_env=env, log_to_driver=False, configure_logging=False)
