@@ -11,7 +11,8 @@ import torch
 
 import fedsim.harness
 from fedsim.config import ConfigError, RunConfig
-from fedsim.runner import LOCK, output_lock, run
+from fedsim.outdir import LOCK, output_lock
+from fedsim.runner import run
 
 
 def lenet_run(out, **kw):

@@ -14,8 +14,9 @@ import pytest
 
 from fedsim.config import ConfigError, RunConfig
 from fedsim.interrupts import RunStopped
+from fedsim.outdir import LOCK, staging_dir
 from fedsim.report import ResultsWriter
-from fedsim.runner import LOCK, run, staging_dir
+from fedsim.runner import run
 
 FEDSIM = [sys.executable, "-c", "from fedsim.cli import main; main()"]
 RUN = dict(model="lenet", peft="full", attack="dlg", attack_iters=10, clients=3, rounds=2)
