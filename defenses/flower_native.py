@@ -99,6 +99,9 @@ class SecureAggregation(Defense):
         if sampled < 2:
             raise ConfigError(f"--defense secagg needs at least 2 clients per round (--clients x --fraction), "
                               f"got {sampled}")
+        if self.shares > max(3, sampled):  # Flower's set-up loops over the shares: a huge number never ends
+            raise ConfigError(f"--secagg-shares {self.shares} is more than the {sampled} clients per round; "
+                              f"valid: 1 (every sampled client) or 3..{max(3, sampled)}")
         neighbours = sampled if self.shares == 1 else min(self.shares, sampled)
         if not (self.threshold == 1 or 2 <= self.threshold <= neighbours) or (
                 self.shares >= 3 and self.threshold >= self.shares):

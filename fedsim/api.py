@@ -17,9 +17,13 @@ import torch
 
 from fedsim.knowledge import AttackerKnowledge
 from fedsim.observation import Observation
-from fedsim.options import ConfigError, Option, at_least
+from fedsim.options import ConfigError, Option, between
 from fedsim.protocol import Protocol
 from fedsim.task import Params, Task
+
+# Bounds that keep a typo from meaning days of work (IG's paper runs 24,000 iterations)
+MAX_ITERATIONS = 1_000_000
+MAX_RESTARTS = 1_000
 
 __all__ = ["Attack", "Reconstruction", "Defense", "Chain", "AttackerKnowledge", "Observation", "Option",
            "Protocol", "Task", "ConfigError", "observed"]
@@ -46,9 +50,9 @@ class Attack(ABC):
     name: str = "attack"
     options: tuple[Option, ...] = (
         Option("iterations", None, "optimiser iterations of the attack; unset = the attack's own default "
-               "(`fedsim list` shows it)", type=int, key="attack_iters", **at_least(0)),
+               "(`fedsim list` shows it)", type=int, key="attack_iters", **between(0, MAX_ITERATIONS)),
         Option("restarts", 1, "independent restarts; the one that matches the update best is kept",
-               key="attack_restarts", **at_least(1)),
+               key="attack_restarts", **between(1, MAX_RESTARTS)),
     )
 
     def __init__(self, iterations: int = 300, restarts: int = 1, seed: int = 0, progress=None):

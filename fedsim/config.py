@@ -356,6 +356,13 @@ def _positive(cfg: RunConfig, *names: str) -> None:
 def check_writable_dir(out: Path, flag: str = "--out") -> None:
     """`out` is, or can be made, a directory this process may write into: checked before any
     work, so a bad path is an error that names it, never a traceback after the run."""
+    try:
+        _check_writable_dir(out, flag)
+    except OSError as exc:  # a name too long for the file system, a loop of links, ...
+        raise ConfigError(f"{flag} {shown(str(out))} cannot be used: {exc.strerror}") from None
+
+
+def _check_writable_dir(out: Path, flag: str) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{flag} {out} exists and is not a directory")
     existing = out

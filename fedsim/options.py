@@ -52,6 +52,8 @@ class Option:
                 raise ConfigError(f"{flag} must be a finite number, got {value}")
         elif not isinstance(value, self.kind) or (self.kind is int and isinstance(value, bool)):
             raise ConfigError(f"{flag} takes a {self.kind.__name__}, got {shown(value)}")
+        elif self.kind is int and not -2**63 <= value < 2**63:
+            raise ConfigError(f"{flag} {shown(value)} is out of range: integers here fit in 64 bits")
         if self.choices and value not in self.choices:
             raise ConfigError(f"{flag} {value!r} is not valid; valid: {', '.join(map(str, self.choices))}")
         if self.check is not None and not self.check(value):
@@ -90,6 +92,10 @@ def cast_number(kind: type, value: Any) -> Any:
 
 def at_least(low: float) -> dict:
     return {"check": lambda v: v >= low, "valid": f">= {low:g}"}
+
+
+def between(low: int, high: int) -> dict:
+    return {"check": lambda v: low <= v <= high, "valid": f"in {low:,}..{high:,}"}
 
 
 def above(low: float) -> dict:

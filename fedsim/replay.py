@@ -12,6 +12,7 @@ from fedsim.config import IMAGE_SIZES, ConfigError, RunConfig
 from fedsim.knowledge import AttackerKnowledge
 from fedsim.models import build_task
 from fedsim.observation import Observation
+from fedsim.options import declared, shown
 from fedsim.plugins import attack_names, make_attack
 from fedsim.protocol import Protocol
 from fedsim.report import save_grid
@@ -91,9 +92,13 @@ def replay(path: Path, attack: str, iterations: int | None, attack_seed: int | N
     `pretrained` (--pretrained) is the checkpoint to build the model from, where the file names one."""
     if attack not in attack_names():
         raise ConfigError(f"--attack {attack!r} is not installed; valid: {', '.join(attack_names())}")
-    if iterations is not None and iterations < 0:
-        raise ConfigError(f"--attack-iters must be >= 0, got {iterations}")
-    if out.exists() and out.is_dir() or not out.parent.is_dir():
+    if iterations is not None:
+        declared()["attack_iters"].option.validate("attack_iters", iterations)
+    try:
+        usable = not (out.exists() and out.is_dir()) and out.parent.is_dir()
+    except OSError as exc:  # a name too long for the file system, ...
+        raise ConfigError(f"--out {shown(str(out))} cannot be used: {exc.strerror}") from None
+    if not usable:
         raise ConfigError(f"--out {out} must be a file in an existing directory")
     obs = Observation.load(path)
     obs.model_spec = trusted_spec(obs, pretrained)
