@@ -121,7 +121,7 @@ def test_replay_checks_its_own_options_before_attacking(saved_lenet, tmp_path):
     from fedsim.cli import app
 
     path, _ = saved_lenet
-    for extra, words in ((["--attack-iters", "-1"], "--attack-iters must be >= 0"),
+    for extra, words in ((["--attack-iters", "-1"], "--attack-iters must be in 0..1,000,000, got -1"),
                          (["--out", str(tmp_path)], "must be a file in an existing directory")):
         result = CliRunner().invoke(app, ["attack", str(path), "--attack", "dlg", *extra], env={"COLUMNS": "300"})
         assert result.exit_code == 2 and words in " ".join(result.output.split()), result.output
