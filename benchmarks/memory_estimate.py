@@ -30,6 +30,7 @@ from pathlib import Path
 
 from fedsim.config import RunConfig
 from fedsim.memory import GiB, estimate
+from fedsim.models.pretrain import cache_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXED = {"engine": "inprocess", "clients": 1, "rounds": 1, "attack_iters": 2}
@@ -108,8 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="fedsim-cache-") as cache:
-        models = Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim")) / "models"
-        models.mkdir(parents=True, exist_ok=True)  # fedsim.models.pretrain.cache_dir(); pre-trained on first use
+        models = cache_dir()
+        models.mkdir(parents=True, exist_ok=True)  # pre-trained on first use
         (Path(cache) / "models").symlink_to(models, target_is_directory=True)
         print(f"{'config':28} {'estimate':>9} {'measured':>9} {'est/meas':>8} {'s':>5}  status")
         for label, values in CONFIGS + (MORE if args.all else []):

@@ -41,7 +41,9 @@ def main() -> None:
 
 def crash_log() -> Path:
     """Write the exception being handled, with the command line, to a log file; return its path."""
-    logs = Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim")) / "logs"
+    from fedsim.models.pretrain import cache_root
+
+    logs = cache_root() / "logs"
     try:
         logs.mkdir(parents=True, exist_ok=True)
     except OSError:

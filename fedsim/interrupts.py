@@ -42,10 +42,6 @@ class StopSignal:
         self._deferred = False
 
     @property
-    def requested(self) -> bool:
-        return self.event.is_set()
-
-    @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else "an interrupt"
 

@@ -22,8 +22,8 @@ RESULT_COLUMNS = ["round", "client", "attack", "defense", "peft", "model", "data
 class ResultsWriter:
     """Appends one row per (round, client, attack) to results.csv, flushed as it goes, so a
     run that fails or is interrupted midway keeps every row it finished. With `resume`, the
-    rows already there are kept (a last row cut short by a killed process is dropped) and
-    `finished` names them."""
+    rows already there are kept (a last row cut short by a killed process is dropped).
+    `finished` names every (round, client) row in the file, kept or written since."""
 
     def __init__(self, path: Path, resume: bool = False):
         self.path = path
@@ -41,6 +41,7 @@ class ResultsWriter:
         csv.DictWriter(line, RESULT_COLUMNS, extrasaction="ignore").writerow(row)
         with self.path.open("a", newline="") as f:
             f.write(line.getvalue())  # one write per row: a row is there whole or not at all
+        self.finished.add((int(row["round"]), int(row["client"])))
 
 
 def complete_rows(path: Path) -> list[dict]:

@@ -150,8 +150,6 @@ class CuriousServer:
         self.setting, self.cfg, self.attack = setting, setting.cfg, attack
         self.recorder, self.progress = recorder, progress
         self.stop = stop or StopSignal()
-        self.finished = recorder.results.finished  # (round, client) rows kept from before a --resume
-        self.recorded: set[tuple[int, int]] = set()  # and those written by this run
         self.idle = threading.Event()  # not inside __call__: what an interrupt waits for
         self.idle.set()
         self.scorer = setting.scorer()
@@ -192,7 +190,7 @@ class CuriousServer:
         self.idle.clear()
         try:
             self.stop.check()
-            if self.attack is not None and (obs.round, obs.client) not in self.finished:
+            if self.attack is not None and (obs.round, obs.client) not in self.recorder.results.finished:
                 self.recorder.observation(obs)
                 self.progress.say(f"round {obs.round}: attacking client {obs.client}")
                 row = {"round": obs.round, "client": obs.client, "attack": self.cfg.attack,
@@ -200,7 +198,6 @@ class CuriousServer:
                        "dataset": self.cfg.dataset, "batch_size": obs.batch_size, **self.privacy(obs.round)}
                 row.update(self._attack(obs))
                 self.recorder.row(row)
-                self.recorded.add((obs.round, obs.client))
             elif self.attack is None:
                 self.recorder.observation(obs)
             self.progress.updates_done(len(obs.clients) or 1)  # an aggregate stands for its clients
@@ -328,7 +325,7 @@ def _run(cfg: RunConfig, setting: Setting, attack, out: Path, work: Path, consol
         except OSError as exc:
             if exc.errno not in WRITE_FAILURES:
                 raise
-            rows = len(recorder.results.finished | server.recorded)
+            rows = len(recorder.results.finished)
             raise ConfigError(f"cannot write into {work}: {exc.strerror} ({exc.filename or 'a run file'}). The "
                               f"{rows} rows finished before it are in {work / 'results.csv'}; make room, then "
                               f"continue with: fedsim run --resume --out {out}") from None
@@ -350,7 +347,7 @@ def _stopped(stop: StopSignal, cfg: RunConfig, out: Path, work: Path, recorder: 
         recorder.combined()
         (work / "timings.json").write_text(json.dumps({**server.timings.as_dict(), "interrupted": True}, indent=2))
         write_run_page(work)
-    rows = len(recorder.results.finished | server.recorded)
+    rows = len(recorder.results.finished)
     total = cfg.rounds * server.setting.protocol.sampled_clients if cfg.attack != "none" else 0
     kept = f"{rows} of {total} rows are in {work / 'results.csv'}" if total else f"its files are in {work}"
     old = f"; {out} still holds the previous run, untouched" if work != out else ""

@@ -44,8 +44,13 @@ class Recipe:
     synthetic_per_class: int = 150
 
 
+def cache_root() -> Path:
+    """Where fedsim keeps what it builds or writes for later (FEDSIM_CACHE overrides)."""
+    return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim"))
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("FEDSIM_CACHE", Path.home() / ".cache" / "fedsim")) / "models"
+    return cache_root() / "models"
 
 
 def checkpoint_path(seed: int = 0) -> Path:
