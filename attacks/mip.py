@@ -29,7 +29,10 @@ labels, which on the tiny CLIP does not recover the images. Batches larger than 
 every route: on the text side every label multiset is fitted while there are at most 64, beyond
 that the label-count step's shortlist (`attacks.label_counts`), and the best fit wins; on the
 image head the batch is separated example by example (`attacks.separation`), repeated labels
-included (README, MIP).
+included (README, MIP). A FedAvg delta of several local steps on one batch keeps the image head's
+structure (the frozen tower's output is the same at every step, so the pseudo-gradient's first
+layer still has the batch's rank); on the text side the steps move the prompts, so the
+embeddings are refitted by replaying the steps (`attacks.local_steps`).
 
 Besides the images and labels, a Reconstruction's extras hold the recovered image embeddings
 (`embeddings`, for scoring), the tower-output directions of step 2 (`features`, unit norm) and
@@ -47,6 +50,7 @@ import torch.nn.functional as F
 from attacks.decoders import LEARNED_PRIORS, fingerprint, learned_prior
 from attacks.embeddings import TextJacobian, head_side, text_side
 from attacks.encoder_inversion import invert_tower
+from attacks.local_steps import replay_fit, replays
 from attacks.tower_side import tower_side
 from fedsim.api import Attack, AttackerKnowledge, ConfigError, Observation, Option, Reconstruction, Task, observed
 
@@ -138,6 +142,11 @@ class MIP(Attack):
             labels, features, info = text_side(task, params, update, B, state["public"], jacobian=state["jacobian"],
                                                public_labels=self.public_labels, progress=self.progress,
                                                memo=state)
+            if replays(observation.kind, observation.local_steps, B):
+                features, more = replay_fit(task, params, {n: d.to(task.device) for n, d in observation.update.items()},
+                                            labels, features, observation.lr, observation.local_steps,
+                                            state["public"], self.public_labels, progress=self.progress)
+                info.update(more)
         else:
             return None
         # the information budget: numbers the update carries against the embeddings' unknowns
