@@ -9,8 +9,8 @@ every step, and everything else is public: the global parameters, the learning r
 batch size. For candidate embeddings Z (labels fixed) the server replays the K steps exactly,
 second-order through the text tower, and fits Z by Levenberg-Marquardt on ||delta(Z) - delta||:
 - starts: the pseudo-gradient route's embeddings and every public embedding of the label,
-  ranked by how well its own replay explains the delta (one cheap replay each); the best three
-  get a few LM steps each (one can stall in a local minimum), and the best of them goes on;
+  ranked by how well its own replay explains the delta (one cheap replay each), fitted in turn
+  until one reaches the delta (a fit can stall in a local minimum; at most three starts);
 - at the true embeddings the replay matches the delta to ~1e-6, so the residual says how well
   the fit went (`replay_residual` in the extras).
 
@@ -31,9 +31,10 @@ from torch.func import grad, jacfwd
 
 from fedsim.task import Params, Task, second_order_attention
 
-ITERATIONS = 12  # LM steps for the fit that goes on
-STARTS, SCOUT = 3, 3  # the best starts, and the LM steps each gets before the best of them goes on
-TOLERANCE = 1e-6  # relative residual at which the fit stops: about the float32 rounding of a replay
+ITERATIONS = 20  # LM steps from one start (most fits reach TOLERANCE in 5-15)
+STARTS = 3  # starts tried in turn, best first, until one fits to ACCEPT
+TOLERANCE = 1e-6  # relative residual at which a fit stops: about the float32 rounding of a replay
+ACCEPT = 1e-4  # relative residual of a fit taken as found (a local minimum stalls at 1e-3 or above)
 
 
 def replays(kind: str, steps: int, batch: int) -> bool:
@@ -100,6 +101,7 @@ def replay_fit(task: Task, params: Params, delta: Params, labels: torch.Tensor, 
     device = task.device
     target = torch.cat([delta[n].reshape(-1) for n in names]).detach().double().to(device)
     labels = labels.to(device)
+    norm = float(target.norm())
     client = LocalSteps(task, params, names, lr, steps)
 
     def mismatch(Z: torch.Tensor) -> torch.Tensor:
@@ -117,8 +119,7 @@ def replay_fit(task: Task, params: Params, delta: Params, labels: torch.Tensor, 
     with second_order_attention():
         with torch.no_grad():
             ranked = sorted((float(mismatch(Z).norm()), k) for k, Z in enumerate(starts))
-        tolerance = TOLERANCE * float(target.norm())
-        done, total = 0, STARTS * SCOUT + iterations - SCOUT
+        done, total = 0, STARTS * iterations
 
         def counted(Z: torch.Tensor) -> torch.Tensor:
             nonlocal done
@@ -128,13 +129,13 @@ def replay_fit(task: Task, params: Params, delta: Params, labels: torch.Tensor, 
                 progress(min(done, total), total)
             return J
 
-        # a few steps from each of the best starts (one can stall in a local minimum), then the best on
-        scouted = [levenberg_marquardt(mismatch, counted, starts[k], SCOUT, tolerance) for _, k in ranked[:STARTS]]
-        Z, fitted = levenberg_marquardt(mismatch, counted, min(scouted, key=lambda x: x[1])[0],
-                                        iterations - SCOUT, tolerance)
-    scale = float(target.norm())
-    info = {"replayed_steps": steps, "replay_starts": len(starts), "replay_start_residual": ranked[0][0] / scale,
-            "replay_residual": fitted / scale}
+        fits = []  # a fit can stall in a local minimum: then the next start
+        for _, k in ranked[:STARTS]:
+            fits.append(levenberg_marquardt(mismatch, counted, starts[k], iterations, TOLERANCE * norm))
+            if fits[-1][1] < ACCEPT * norm:
+                break
+        Z, fitted = min(fits, key=lambda fit: fit[1])
+    info = {"replayed_steps": steps, "replay_starts": len(fits), "replay_residual": fitted / norm}
     return F.normalize(Z, dim=-1).float(), info
 
 
