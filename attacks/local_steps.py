@@ -31,7 +31,7 @@ from torch.func import grad, jacfwd
 
 from fedsim.task import Params, Task, second_order_attention
 
-ITERATIONS = 20  # LM steps from one start (most fits reach TOLERANCE in 5-15)
+ITERATIONS = 20  # LM steps from one start at most
 STARTS = 3  # starts tried in turn, best first, until one fits to ACCEPT
 TOLERANCE = 1e-6  # relative residual at which a fit stops: about the float32 rounding of a replay
 ACCEPT = 1e-4  # relative residual of a fit taken as found (a local minimum stalls at 1e-3 or above)
