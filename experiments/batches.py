@@ -98,6 +98,9 @@ def plot(summary: pd.DataFrame, out: Path) -> None:
             axes[0].plot(group[x], group["psnr"], marker="o", label=name, color=colour[name])
             axes[1].plot(group[x], 100 * group["label_acc"], marker="o", label=name, color=colour[name])
             axes[2].plot(group[x], 100 * group["ident_feature"], marker="o", label=name, color=colour[name])
+            fedsgd = summary[(summary["setting"] == name) & (summary["batch"] == 1) & (summary["steps"] == 0)]
+            if sweep == "steps" and not fedsgd.empty:  # the reference the local steps are measured against
+                axes[0].axhline(float(fedsgd["psnr"].iloc[0]), ls=":", color=colour[name], label=f"{name}, FedSGD")
             for rule in RULES:
                 if f"{rule}_label_acc" in group and group[f"{rule}_label_acc"].notna().any():
                     axes[1].plot(group[x], 100 * group[f"{rule}_label_acc"], ls="--", marker=".",
@@ -108,7 +111,10 @@ def plot(summary: pd.DataFrame, out: Path) -> None:
             ax.set_xlabel("batch size" if sweep == "batch" else "FedAvg local steps (batch 1)")
             ax.set_ylabel(label)
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=8)
+        axes[0].set_ylim(0, axes[0].get_ylim()[1] + 2)  # from zero: a 0.3 dB wobble should look like one
+        for ax in axes[1:]:
+            ax.set_ylim(-5, 105)
+        axes[0].legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
