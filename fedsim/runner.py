@@ -343,16 +343,17 @@ def _run(cfg: RunConfig, setting: Setting, attack, out: Path, work: Path, consol
 def _stopped(stop: StopSignal, cfg: RunConfig, out: Path, work: Path, recorder: Recorder,
              server: CuriousServer) -> RunStopped:
     """Leave an interrupted run's directory readable (picture, timings, page) and say what was kept."""
-    with stop.critical():
-        recorder.combined()
-        (work / "timings.json").write_text(json.dumps({**server.timings.as_dict(), "interrupted": True}, indent=2))
-        write_run_page(work)
     rows = len(recorder.results.finished)
     total = cfg.rounds * server.setting.protocol.sampled_clients if cfg.attack != "none" else 0
     kept = f"{rows} of {total} rows are in {work / 'results.csv'}" if total else f"its files are in {work}"
     old = f"; {out} still holds the previous run, untouched" if work != out else ""
-    return RunStopped(f"stopped on {stop.name}: {kept}{old}. Continue with: fedsim run --resume --out {out}",
-                      stop.exit_code)
+    said = f"stopped on {stop.name}: {kept}{old}. Continue with: fedsim run --resume --out {out}"
+    with stop.critical():
+        recorder.combined()
+        # the page says it too: a reader of report.html must not take the rows shown for the whole run
+        (work / "timings.json").write_text(json.dumps({**server.timings.as_dict(), "interrupted": said}, indent=2))
+        write_run_page(work)
+    return RunStopped(said, stop.exit_code)
 
 
 def simulate(cfg: RunConfig, server_app, client_app, stop: StopSignal | None = None) -> None:

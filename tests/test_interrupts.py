@@ -90,10 +90,13 @@ def test_a_signal_keeps_the_finished_rows_and_resume_gives_the_uninterrupted_tab
         assert f"stopped on {signal.Signals(sig).name}: {len(kept)} of {ROWS} rows" in said
         assert f"Continue with: fedsim run --resume --out {out}" in said
         assert not (out / LOCK).exists()
+        page = (out / "report.html").read_text()  # the page says so too, and stops saying it once resumed
+        assert 'id="interrupted"' in page and f"fedsim run --resume --out {out}" in page
     assert group_gone(proc.pid)
     result = run(RunConfig(out=str(out), resume=True))  # a lock left by the killed run is taken over
     assert result.config.attack == "dlg" and result.config.rounds == 2  # the saved config, not the defaults
     pd.testing.assert_frame_equal(table(out), uninterrupted)
+    assert 'id="interrupted"' not in (out / "report.html").read_text()
 
 
 def test_resume_refuses_options_that_differ_from_the_saved_run(tmp_path):
