@@ -275,10 +275,16 @@ def test_a_sweep_loses_a_worker_node_and_no_finished_trial(tmp_path):
                                                        or (out / "results.parquet").exists()):
                 time.sleep(0.2)
             for proc in own_ray_processes(temp_dir):  # the worker node's raylet and what it started
-                if any(f"--node_manager_port={worker_port}" in part for part in proc.cmdline()):
-                    for child in proc.children(recursive=True):
-                        child.kill()
-                    proc.kill()
+                if any(f"--node_manager_port={worker_port}" in part for part in proc.info["cmdline"] or ()):
+                    try:
+                        family = [*proc.children(recursive=True), proc]
+                    except psutil.NoSuchProcess:
+                        continue
+                    for child in family:
+                        try:
+                            child.kill()
+                        except psutil.NoSuchProcess:  # a worker that ended on its own meanwhile
+                            pass
                     killed.append(proc.pid)
 
         import threading
