@@ -52,7 +52,7 @@ from attacks.label_search import (
 )
 from attacks.objectives import cosine_distance
 from attacks.separation import separate
-from fedsim.task import Params, Task, second_order_attention
+from fedsim.task import Params, Task, precision, second_order_attention, unflatten
 
 
 class TextJacobian:
@@ -63,20 +63,15 @@ class TextJacobian:
         self.names = names
         flat = torch.cat([params[n].reshape(-1) for n in names]).detach().double()
         shapes = [params[n].shape for n in names]
-        sizes = [s.numel() for s in shapes]
         rest = {n: p.detach().double() for n, p in params.items() if n not in names}
-        model = task.model.double()
-        try:
+        with precision(task.model, torch.float64):
             def text_of(v: torch.Tensor) -> torch.Tensor:
-                pieces = dict(zip(names, (t.view(s) for t, s in zip(v.split(sizes), shapes))))
-                return task.text_features({**rest, **pieces})
+                return task.text_features({**rest, **unflatten(v, names, shapes)})
 
             self.text = text_of(flat).detach()  # [C, D]
             C, D = self.text.shape
             with second_order_attention():
                 self.matrix = _jacobian(text_of, flat, C * D, chunk).view(C, D, -1)  # [C, D, P]
-        finally:
-            model.float()
 
     def apply(self, G: torch.Tensor) -> torch.Tensor:
         """J^T vec(G): the parameter gradient that a text-feature gradient G [C, D] induces."""

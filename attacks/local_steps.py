@@ -23,13 +23,11 @@ the starts and the fit are ours.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 import torch.nn.functional as F
 from torch.func import grad, jacfwd
 
-from fedsim.task import Params, Task, second_order_attention
+from fedsim.task import Params, Task, precision, second_order_attention, unflatten
 
 ITERATIONS = 20  # LM steps from one start at most
 STARTS = 3  # starts tried in turn, best first, until one fits to ACCEPT
@@ -57,12 +55,9 @@ class LocalSteps:
         self.rest = {n: p.detach() for n, p in params.items() if n not in names}
 
     def _loss(self, flat: torch.Tensor, Z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        pieces = dict(zip(self.names, (t.view(s) for t, s in zip(flat.split([s.numel() for s in self.shapes]),
-                                                                  self.shapes))))
         rest = {n: p.to(Z.dtype) for n, p in self.rest.items()}
-        text = self.task.text_features({**rest, **pieces})
-        scale = self.task.model.clip.logit_scale.exp()
-        return F.cross_entropy(scale * F.normalize(Z, dim=-1) @ text.T, labels)
+        text = self.task.text_features({**rest, **unflatten(flat, self.names, self.shapes)})
+        return F.cross_entropy(self.task.model.logits_with(F.normalize(Z, dim=-1), text), labels)
 
     def delta(self, Z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """The flat delta [P] that embeddings Z [B, D] with `labels` [B] produce."""
@@ -72,17 +67,6 @@ class LocalSteps:
         for _ in range(self.steps):
             flat = flat - self.lr * step(flat, Z, labels)
         return flat - start
-
-
-@contextmanager
-def precision(model: torch.nn.Module, dtype: torch.dtype):
-    """The model's weights in `dtype` for the duration (the tiny CLIP converts in milliseconds)."""
-    before = next(model.parameters()).dtype
-    model.to(dtype)
-    try:
-        yield
-    finally:
-        model.to(before)
 
 
 def replay_fit(task: Task, params: Params, delta: Params, labels: torch.Tensor, start: torch.Tensor,

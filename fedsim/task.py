@@ -138,3 +138,20 @@ def second_order_attention():
             yield
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+@contextmanager
+def precision(model: nn.Module, dtype: torch.dtype):
+    """The model's weights in `dtype` for the duration, then back in the precision they had
+    (an attacker's float64 Jacobian or replay; the tiny CLIP converts in milliseconds)."""
+    before = next(model.parameters()).dtype
+    model.to(dtype)
+    try:
+        yield
+    finally:
+        model.to(before)
+
+
+def unflatten(flat: torch.Tensor, names: list[str], shapes: list[torch.Size]) -> Params:
+    """The named tensors a flat vector holds, in order (views of it, so gradients flow through)."""
+    return dict(zip(names, (t.view(s) for t, s in zip(flat.split([s.numel() for s in shapes]), shapes))))

@@ -5,11 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from attacks.embeddings import text_side
-from attacks.local_steps import ITERATIONS, STARTS, LocalSteps, precision, replays
+from attacks.local_steps import ITERATIONS, STARTS, LocalSteps, replays
 from fedsim.api import observed
 from fedsim.config import RunConfig
 from fedsim.harness import Setting
-from fedsim.task import second_order_attention
+from fedsim.task import precision, second_order_attention
 
 
 def coop_setting(batch: int, steps: int) -> Setting:
