@@ -399,7 +399,8 @@ def _run_trials(remote, todo: list[Trial], table: ResultsTable, out: Path, cpus:
             while queue or pending:
                 while queue and len(pending) < window:
                     trial = queue.popleft()
-                    config = {k: v for k, v in trial.config.to_dict().items() if k not in NOT_HASHED}
+                    # all the trial's settings, its time limits included: only what the sweep sets is left out
+                    config = {k: v for k, v in trial.config.to_dict().items() if k not in SWEEP_OWNED}
                     ref = remote.remote(config, str(out / "trials" / trial.id), cpus)
                     pending[ref] = (trial, time.perf_counter())
                 [ref], _ = ray.wait(list(pending), num_returns=1)

@@ -110,7 +110,8 @@ def consistent(out, trials):
 
 @pytest.mark.slow
 def test_four_trial_sweep_on_two_local_cpus(tmp_path, local_ray):
-    grid = load_grid(write_grid(tmp_path, {"base": TINY, "grid": {"peft": ["coop", "adapter"], "seed": [0, 1]}}))
+    base = {**TINY, "attack_timeout": 900.0}  # not part of a trial's id, but the trial must still get it
+    grid = load_grid(write_grid(tmp_path, {"base": base, "grid": {"peft": ["coop", "adapter"], "seed": [0, 1]}}))
     summary = sweep(grid, tmp_path / "s")
     table = consistent(tmp_path / "s", grid.trials)
     assert len(summary.ran) == 4 and not summary.failed
@@ -126,6 +127,8 @@ def test_four_trial_sweep_on_two_local_cpus(tmp_path, local_ray):
     for t in grid.trials:
         assert (tmp_path / "s" / "trials" / t.id / "results.csv").exists()
         assert (tmp_path / "s" / "trials" / t.id / "report.html").exists()  # each trial's own page
+        saved = yaml.safe_load((tmp_path / "s" / "trials" / t.id / "config.yaml").read_text())
+        assert saved["attack_timeout"] == 900.0
     assert "trials/" in (tmp_path / "s" / "report.html").read_text()  # the sweep's page links them
     assert sweep(grid, tmp_path / "s").ran == []  # all finished: nothing runs again
 
