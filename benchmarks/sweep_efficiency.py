@@ -45,7 +45,8 @@ from pathlib import Path
 import ray
 from rich.console import Console
 
-from fedsim.sweep import parse_grid, sweep
+from fedsim.grid import parse_grid
+from fedsim.sweep import sweep
 
 
 def measure(spec: dict, out: Path, max_concurrent: int | None) -> dict:

@@ -3,7 +3,7 @@
     PYTHONPATH=. .venv/bin/python benchmarks/sweep_scale.py
 
 Writes two grid files (10^4 trials, the bound; 10^6 trials, past it) to a temporary folder and
-times `fedsim.sweep.load_grid` on each: the first is expanded and every trial validated, the
+times `fedsim.grid.load_grid` on each: the first is expanded and every trial validated, the
 second is counted before any expansion and refused with its count.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from fedsim.config import ConfigError
-from fedsim.sweep import MAX_TRIALS, load_grid
+from fedsim.grid import MAX_TRIALS, load_grid
 
 TEN = list(range(10))
 

@@ -285,8 +285,9 @@ def sweep_grid(
                                         "with the same one skips finished trials"),
 ) -> None:
     """Run every trial of a grid as a Ray task, one results table (Parquet + CSV), pivots and plots."""
+    from fedsim.grid import load_grid
     from fedsim.interrupts import RunStopped
-    from fedsim.sweep import load_grid, sweep
+    from fedsim.sweep import sweep
 
     try:
         spec = load_grid(grid)

@@ -182,7 +182,7 @@ def test_a_third_party_option_works_on_the_command_line_in_grids_and_the_flwr_co
     declared.cache_clear()
     available.cache_clear()
     try:
-        from fedsim.sweep import parse_grid
+        from fedsim.grid import parse_grid
 
         cfg = RunConfig.from_run_config({"attack": "dummy", "dummy-level": 4})
         assert cfg.option("dummy_level") == 4

@@ -34,11 +34,11 @@ from typer.testing import CliRunner
 from fedsim.cli import app
 from fedsim.config import CLASSIC_MODELS, CLIP_PEFT, DEVICES, PARTITIONS, option_types
 from fedsim.datasets import SOURCES
+from fedsim.grid import GRID_KEYS, METRICS, SWEEP_OWNED
 from fedsim.models.pretrain import checkpoint_path
 from fedsim.options import declared
 from fedsim.plugins import attack_names, defense_names
 from fedsim.protocol import PROTOCOLS
-from fedsim.sweep import GRID_KEYS, METRICS, SWEEP_OWNED
 
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "fedsim-fuzz-hypothesis")  # not .hypothesis/ in the checkout
 

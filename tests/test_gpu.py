@@ -168,7 +168,8 @@ def test_a_sweep_with_half_a_gpu_per_trial_runs_every_trial_on_cuda(tmp_path):
     ray = pytest.importorskip("ray")
     import yaml
 
-    from fedsim.sweep import parse_grid, sweep
+    from fedsim.grid import parse_grid
+    from fedsim.sweep import sweep
 
     if ray.is_initialized():  # a Ray left by an earlier test would not hold the sweep's settings
         ray.shutdown()

@@ -246,7 +246,8 @@ def test_a_sweep_loses_a_worker_node_and_no_finished_trial(tmp_path):
 
     import psutil
 
-    from fedsim.sweep import ResultsTable, load_grid, sweep
+    from fedsim.grid import load_grid
+    from fedsim.sweep import ResultsTable, sweep
 
     def free_port() -> int:
         with socket.socket() as s:

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from fedsim.cli import app
 from fedsim.config import ConfigError
-from fedsim.sweep import ResultsTable, load_grid, parse_grid, sweep, trial_id
+from fedsim.grid import load_grid, parse_grid, trial_id
+from fedsim.sweep import ResultsTable, sweep
 
 # The smallest trial that still runs the whole flow: 2 clients, random-init tiny CLIP, one DLG step.
 TINY = {"clients": 2, "pretrained": "none", "attack": "dlg", "attack_iters": 1}
